@@ -1,0 +1,350 @@
+"""Every setting of idengine, as frozen dataclasses; `load_config(path, overrides)` builds one from YAML + `a.b=value`.
+
+The YAML file has one section per dataclass (`data`, `model`, `lora`, `train`, `tune`, `calibrate`, `predict`).
+An unknown section or key is an error, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_BACKBONE = "InstaDeepAI/nucleotide-transformer-2.5b-multi-species"
+TINY_BACKBONE = "tiny"
+BASELINE_BACKBONES = ("kmer-nb", "kmer-linear")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    sequences: str = "examples/12s-fish-mini/sequences.fasta.gz"
+    """FASTA (plain or .gz) whose headers are record ids."""
+    labels: str = "examples/12s-fish-mini/labels.csv"
+    """CSV with `id`, `species` and optional taxonomy ranks (kingdom ... genus)."""
+    vectors: str | None = None
+    """Optional CSV: `id` + numeric columns, carried through as features (`vec_<name>` columns)."""
+    clusters: str | None = None
+    """Optional CSV: `id`, `cluster`; a whole cluster stays in one fold (or in the test split)."""
+    folds_file: str | None = None
+    """Optional CSV `id,fold` (fold 0..K-1 or `test`) used instead of computing splits."""
+    drop_unmatched_ids: bool = False
+    """Drop (and count) ids present in only one input file instead of stopping with an error."""
+    drop_duplicate_ids: bool = False
+    """Drop (and count) every record of an id that appears twice instead of stopping with an error."""
+    min_len_bp: int = 50
+    """Cleaned sequences shorter than this are dropped (reason `too_short`)."""
+    max_len_bp: int = 20_000
+    """Cleaned sequences longer than this are dropped (reason `too_long`)."""
+    max_n_fraction: float = 0.05
+    """Sequences with a larger fraction of N (after IUPAC codes became N) are dropped (reason `too_many_n`)."""
+    label_conflicts: str = "keep"
+    """Identical sequences under different species: `keep`, `drop` (all of them) or `majority` (keep the majority species)."""
+    min_seqs_per_species: int = 5
+    """Species with fewer *distinct* sequences are set aside as `unknown.parquet` (open-set queries)."""
+    test_fraction: float = 0.1
+    """Fraction of records (by group) held out as the test split, used once by `idengine train`."""
+    n_folds: int = 5
+    """Number of stratified, grouped cross-validation folds on the non-test records."""
+    seed: int = 0
+    """Seed of the splits (and of everything else random)."""
+
+    def __post_init__(self) -> None:
+        if self.label_conflicts not in ("keep", "drop", "majority"):
+            raise ValueError(f"data.label_conflicts must be keep, drop or majority, not {self.label_conflicts!r}")
+        if not 0.0 <= self.test_fraction < 0.5:
+            raise ValueError("data.test_fraction must be in [0, 0.5)")
+        if self.n_folds < 2:
+            raise ValueError("data.n_folds must be at least 2")
+        if self.min_seqs_per_species < 1:
+            raise ValueError("data.min_seqs_per_species must be at least 1")
+        if not 0.0 <= self.max_n_fraction <= 1.0:
+            raise ValueError("data.max_n_fraction must be in [0, 1]")
+        if self.min_len_bp > self.max_len_bp:
+            raise ValueError("data.min_len_bp must not exceed data.max_len_bp")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = DEFAULT_BACKBONE
+    """Hub id or local directory of an ESM / Nucleotide Transformer checkpoint; `tiny` (random, CPU); or a k-mer baseline."""
+    revision: str | None = None
+    """Hub revision (commit, tag or branch) to pin the backbone to."""
+    finetune: str = "lora"
+    """`lora` (adapters + head), `full` (every weight) or `head` (frozen backbone, head only)."""
+    trust_remote_code: bool = False
+    """Let transformers run code shipped with the checkpoint. Off unless you trust the source."""
+    max_tokens: int = 1000
+    """Tokens per sequence including CLS; longer sequences are truncated and counted (NT's limit is 1000)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, about 30% slower. For the 2.5B model at long lengths."""
+    kmer: int = 8
+    """k for the k-mer baselines."""
+
+    def __post_init__(self) -> None:
+        if self.finetune not in ("lora", "full", "head"):
+            raise ValueError(f"model.finetune must be lora, full or head, not {self.finetune!r}")
+        if not 8 <= self.max_tokens <= 1000:
+            raise ValueError("model.max_tokens must be in [8, 1000] (the NT position limit)")
+
+    def is_baseline(self) -> bool:
+        return self.backbone in BASELINE_BACKBONES
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 8
+    """LoRA rank: higher adapts more, at more memory."""
+    alpha: int = 16
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: tuple[str, ...] = ("query", "key", "value")
+    """ESM module names to adapt; peft has no default for ESM, so they are named here."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha < 1:
+            raise ValueError("lora.r and lora.alpha must be positive")
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    """Maximum epochs per fold (early stopping may end sooner)."""
+    batch_size: int = 16
+    """Sequences per step per worker."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 1e-4
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases and norms)."""
+    scheduler: str = "cosine"
+    """`cosine`, `linear` or `constant`, after linear warm-up."""
+    warmup_fraction: float = 0.06
+    """Fraction of optimizer steps spent warming up."""
+    class_weighting: str = "none"
+    """Cross-entropy class weights: `none`, `inverse` (1/n) or `effective` (effective number of samples)."""
+    effective_beta: float = 0.999
+    """beta of the effective-number weighting (Cui et al. 2019)."""
+    patience: int = 3
+    """Epochs without improvement of `monitor` before a fold stops; 0 disables early stopping."""
+    monitor: str = "pr_auc_macro"
+    """Validation metric (higher is better) for early stopping and the best checkpoint."""
+    precision: str = "auto"
+    """`auto` (bf16 on a GPU that has it, else fp32), `bf16`, `fp16` or `fp32`."""
+    num_workers: int = 1
+    """Ray Train workers per fold; 0 runs Ray Train's local mode in the driver process."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker; fractional values keep small machines from deadlocking."""
+    max_failures: int = 1
+    """Worker failures a fold survives by resuming from its latest checkpoint."""
+    storage_path: str = "runs/ray"
+    """Where Ray Train/Tune keep checkpoints: a local or NFS directory, or s3:// / gs:// (needed for multi-node)."""
+    train_eval_size: int = 512
+    """Training records scored each epoch for the train-vs-validation gap."""
+    top_k: int = 5
+    """k of the top-k accuracy."""
+    seed: int = 0
+    """Seed of initialisation, shuffling and dropout."""
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in ("cosine", "linear", "constant"):
+            raise ValueError(f"train.scheduler must be cosine, linear or constant, not {self.scheduler!r}")
+        if self.class_weighting not in ("none", "inverse", "effective"):
+            raise ValueError("train.class_weighting must be none, inverse or effective")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError("train.precision must be auto, bf16, fp16 or fp32")
+        if self.epochs < 1 or self.batch_size < 1 or self.grad_accum_steps < 1:
+            raise ValueError("train.epochs, train.batch_size and train.grad_accum_steps must be positive")
+        if self.lr <= 0:
+            raise ValueError("train.lr must be positive")
+        if self.num_workers < 0:
+            raise ValueError("train.num_workers must be >= 0")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    num_samples: int = 8
+    """Trials Optuna proposes."""
+    space: dict[str, Any] = field(
+        default_factory=lambda: {
+            "train.lr": {"loguniform": [1e-5, 1e-3]},
+            "lora.r": {"choice": [4, 8, 16]},
+        }
+    )
+    """Dotted config key -> distribution: {loguniform|uniform: [lo, hi]}, {choice: [...]}, {randint: [lo, hi]}."""
+    metric: str = "pr_auc_macro"
+    """Validation metric averaged over folds; maximised."""
+    scheduler: str = "asha"
+    """`asha` (stop poor trials after `grace_folds` folds) or `fifo`."""
+    grace_folds: int = 2
+    """Folds every trial completes before ASHA may stop it."""
+    cpus_per_trial: float = 0.5
+    """CPUs held by a trial's driver (the fold trainers ask for their own)."""
+    max_concurrent_trials: int = 0
+    """0: derived from the cluster's CPUs/GPUs and each trial's needs."""
+    name: str = "idengine-tune"
+    """Experiment name under train.storage_path."""
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in ("asha", "fifo"):
+            raise ValueError("tune.scheduler must be asha or fifo")
+        for key, dist in self.space.items():
+            if not isinstance(dist, dict) or len(dist) != 1:
+                raise ValueError(f"tune.space.{key} must be one of loguniform/uniform/choice/randint: [...]")
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    method: str = "temperature"
+    """`temperature` (multiclass), `platt` or `isotonic` (one-vs-rest), or `none`."""
+    target_precision: float = 0.95
+    """The species threshold is the lowest confidence whose calls reach this precision on out-of-fold data."""
+    rank_fallback: bool = True
+    """Below the threshold, call the deepest rank (genus, family...) whose summed probability passes it."""
+
+    def __post_init__(self) -> None:
+        if self.method not in ("temperature", "platt", "isotonic", "none"):
+            raise ValueError("calibrate.method must be temperature, platt, isotonic or none")
+        if not 0.0 < self.target_precision <= 1.0:
+            raise ValueError("calibrate.target_precision must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    batch_size: int = 64
+    """Sequences per inference batch."""
+    top_k: int = 5
+    """Species (with probabilities) written per sequence."""
+    num_actors: int = 0
+    """Ray Data actors; 0: one per GPU, or one per two CPUs."""
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+
+def _parse_value(text: str) -> Any:
+    """`train.lr=3e-4` -> 0.0003: YAML scalars, so numbers, booleans, null and [lists] work on the command line."""
+    for number in (int, float):  # YAML 1.1 reads `3e-4` as a string
+        try:
+            return number(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+def _coerce(section: str, name: str, value: Any, target: Any) -> Any:
+    if isinstance(target, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)  # YAML 1.1 reads `3e-4` as a string
+        except ValueError:
+            raise ValueError(f"{section}.{name} must be a number, not {value!r}") from None
+    if isinstance(target, tuple) and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build a Config from nested dicts; unknown sections or keys raise ValueError."""
+    sections = {}
+    for f in dataclasses.fields(Config):
+        sections[f.name] = f.default_factory()  # type: ignore[misc]
+    for section, values in (raw or {}).items():
+        if section not in sections:
+            raise ValueError(f"unknown config section {section!r}; known: {sorted(sections)}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ValueError(f"config section {section!r} must be a mapping")
+        current = sections[section]
+        known = {f.name for f in dataclasses.fields(current)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown key(s) {sorted(unknown)} in section {section!r}; known: {sorted(known)}")
+        updates = {k: _coerce(section, k, v, getattr(current, k)) for k, v in values.items()}
+        sections[section] = dataclasses.replace(current, **updates)
+    return Config(**sections)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply dotted `section.key=value` overrides to nested dicts (a copy)."""
+    merged = {k: dict(v or {}) for k, v in (raw or {}).items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) >= 3 and parts[0] == "tune" and parts[1] == "space":
+            # tune.space.train.lr={loguniform: [1e-5, 1e-3]}: the rest of the key is itself a dotted config key.
+            merged.setdefault("tune", {}).setdefault("space", dict(TuneConfig().space))
+            merged["tune"]["space"][".".join(parts[2:])] = _parse_value(text)
+            continue
+        if len(parts) != 2:
+            raise ValueError(f"override {item!r} must name section.key (e.g. train.lr=3e-4)")
+        merged.setdefault(parts[0], {})[parts[1]] = _parse_value(text)
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or the defaults when path is None) and apply dotted overrides.
+
+    Args:
+        path: YAML file with sections named like the Config fields.
+        overrides: `section.key=value` strings; values are parsed as YAML scalars.
+
+    Returns:
+        The validated, frozen Config.
+
+    Raises:
+        ValueError: unknown section or key, or a value out of range.
+        FileNotFoundError: the YAML file does not exist.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text(encoding="utf-8")
+        raw = yaml.safe_load(text) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a config file must be a mapping of sections")
+    return config_from_dict(apply_overrides(raw, list(overrides)))
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """The resolved config as plain dicts/lists (tuples become lists) for YAML/JSON."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return {name: plain(section) for name, section in dataclasses.asdict(config).items()}
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable with load_config)."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
+
+
+def with_values(config: Config, values: dict[str, Any]) -> Config:
+    """A copy of config with dotted keys replaced (used by Tune to turn a trial's sample into a Config)."""
+    raw = config_to_dict(config)
+    for key, value in values.items():
+        section, name = key.split(".", 1)
+        if section not in raw or name not in raw[section]:
+            raise ValueError(f"unknown config key {key!r}")
+        raw[section][name] = value
+    return config_from_dict(raw)

@@ -1,0 +1,43 @@
+"""Shared fixtures: one Ray session per test run (integration tier only), paths to the small real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_DATA = REPO / "tests" / "data"
+SHARED_12S = REPO.parent / "shared" / "data" / "12s-fish"
+
+# Ray 2.60 token auth writes ~/.ray/auth_token; tests run without it, on server and client alike.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """Start Ray once for all integration tests: 2 CPUs, no dashboard, a capped object store, temp dirs."""
+    import ray
+
+    temp_dir = Path("/tmp") / f"idengine-ray-{os.getpid()}"  # short: Ray's socket paths have a length limit
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=384 * 1024 * 1024,
+        _temp_dir=str(temp_dir),
+        ignore_reinit_error=True,
+        log_to_driver=True,
+    )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shared_12s() -> Path:
+    """The full 12s-fish development set beside the repo; tests that need it skip when it is absent."""
+    if not (SHARED_12S / "labels.csv").exists():
+        pytest.skip(f"{SHARED_12S} not found")
+    return SHARED_12S
