@@ -1,0 +1,133 @@
+"""The `idengine` command: parse arguments, call one function, say where the outputs went.
+
+    idengine prepare --config C.yaml --out runs/prepared [key=value ...]
+    idengine cv      --prepared runs/prepared --out runs/cv [--config C.yaml] [key=value ...]
+    idengine tune    --prepared runs/prepared --out runs/tune [--config C.yaml] [key=value ...]
+    idengine train   --prepared runs/prepared --cv runs/cv --out runs/model [--config C.yaml] [key=value ...]
+    idengine predict --model runs/model --sequences reads.fasta.gz --out calls.csv
+    idengine report  RUN_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from idengine.config import load_config
+
+logger = logging.getLogger("idengine")
+
+
+def _add_common(parser: argparse.ArgumentParser, out: bool = True) -> None:
+    parser.add_argument("--config", help="YAML config (sections data, model, lora, train, tune, calibrate, predict)")
+    if out:
+        parser.add_argument("--out", required=True, help="output directory (replaced only when complete)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides such as train.lr=3e-4")
+
+
+def _add_ray(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address (default: RAY_ADDRESS, or start a local Ray)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="idengine", description="Species identification from DNA barcodes.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="load, clean, split and report a labelled barcode set")
+    _add_common(p)
+    _add_ray(p)
+    p = sub.add_parser("cv", help="cross-validate one config over the prepared folds")
+    p.add_argument("--prepared", required=True, help="output directory of `idengine prepare`")
+    _add_common(p)
+    _add_ray(p)
+    p = sub.add_parser("tune", help="Ray Tune + Optuna search over the cross-validated objective")
+    p.add_argument("--prepared", required=True)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted experiment in --out")
+    _add_common(p)
+    _add_ray(p)
+    p = sub.add_parser("train", help="train the final model, calibrate it, test it once and export it")
+    p.add_argument("--prepared", required=True)
+    p.add_argument("--cv", required=True, help="output directory of `idengine cv` (out-of-fold logits)")
+    _add_common(p)
+    _add_ray(p)
+    p = sub.add_parser("predict", help="identify the sequences of a FASTA with an exported model")
+    p.add_argument("--model", required=True, help="directory written by `idengine train`")
+    p.add_argument("--sequences", required=True, help="FASTA or FASTA.gz")
+    p.add_argument("--out", required=True, help="CSV of calls")
+    _add_common(p, out=False)
+    _add_ray(p)
+    p = sub.add_parser("report", help="turn a prepare/cv/tune/train directory into one HTML page")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="HTML file (default RUN_DIR/report.html)")
+    return parser
+
+
+def init_ray(address: str | None) -> None:
+    """Connect to a cluster (address or RAY_ADDRESS) or start a local Ray; the dashboard stays on localhost."""
+    import ray
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(dashboard_host="127.0.0.1")
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Dispatch one parsed command; returns the main output path."""
+    if args.command == "report":
+        from idengine.report import write_report
+
+        return write_report(args.run_dir, args.out)
+    config = load_config(args.config, args.overrides)
+    if args.command == "prepare":
+        from idengine.data.prepare import prepare_dataset
+
+        return prepare_dataset(config, args.out)
+    init_ray(args.address)
+    if args.command == "cv":
+        from idengine.cv import run_cv
+
+        return run_cv(config, args.prepared, args.out)
+    if args.command == "tune":
+        from idengine.tune import run_tune
+
+        return run_tune(config, args.prepared, args.out, resume=args.resume)
+    if args.command == "train":
+        from idengine.final import train_final
+
+        return train_final(config, args.prepared, args.cv, args.out)
+    if args.command == "predict":
+        from idengine.predict import predict_file
+
+        return predict_file(args.model, args.sequences, args.out, config.predict)
+    raise ValueError(f"unknown command {args.command}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from idengine.data.load import InputError
+
+    try:
+        out = run(args)
+    except InputError as err:
+        logger.error("%s", err)
+        return 2
+    except (ValueError, FileNotFoundError) as err:
+        logger.error("%s", err)
+        return 2
+    logger.info("%s: outputs in %s", args.command, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Step 11: hyperparameter search: Ray Tune + Optuna (+ ASHA) over the cross-validated objective of `cv.py`.
+
+A trial is a driver function (Ray's train/tune interop pattern): it turns its sample into a Config, runs exactly the
+folds `idengine cv` runs (each a Ray Train run), and reports after every fold the fold's metric and the running mean,
+so ASHA can stop a poor trial after `tune.grace_folds` folds. The objective is the mean validation metric over folds.
+Outputs: trials.csv / trials.md (ranked), best_config.yaml (ready for `idengine train`), and the Tune experiment
+directory (TensorBoard logs; `Tuner.restore` resumes it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray
+from ray import tune
+from ray.tune.logger import TBXLoggerCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from idengine.config import Config, config_from_dict, config_to_dict, save_config, with_values
+
+logger = logging.getLogger(__name__)
+
+TRIALS_CSV = "trials.csv"
+TRIALS_MD = "trials.md"
+BEST_CONFIG = "best_config.yaml"
+
+
+def search_space(space: dict[str, Any]) -> dict[str, Any]:
+    """YAML distributions -> ray.tune domains, keyed by the dotted config key."""
+    domains = {}
+    for key, dist in space.items():
+        (kind, args), = dist.items()
+        if kind == "loguniform":
+            domains[key] = tune.loguniform(float(args[0]), float(args[1]))
+        elif kind == "uniform":
+            domains[key] = tune.uniform(float(args[0]), float(args[1]))
+        elif kind == "choice":
+            domains[key] = tune.choice(list(args))
+        elif kind == "randint":
+            domains[key] = tune.randint(int(args[0]), int(args[1]))
+        else:
+            raise ValueError(f"tune.space.{key}: unknown distribution {kind!r} (loguniform, uniform, choice, randint)")
+    return domains
+
+
+def trial_resources(config: Config) -> dict[str, float]:
+    """What one trial holds at once: its driver plus its fold trainer's workers (local mode trains in the driver)."""
+    t = config.train
+    if t.num_workers == 0:
+        return {"CPU": max(config.tune.cpus_per_trial, 1.0), "GPU": 1.0 if t.use_gpu else 0.0}
+    return {"CPU": config.tune.cpus_per_trial + t.num_workers * t.cpus_per_worker,
+            "GPU": float(t.num_workers) if t.use_gpu else 0.0}
+
+
+def max_concurrent_trials(config: Config, cluster: dict[str, float]) -> int:
+    """Trials that fit side by side, so that no trial waits forever for a worker another trial holds (ray #24259)."""
+    if config.tune.max_concurrent_trials > 0:
+        return config.tune.max_concurrent_trials
+    need = trial_resources(config)
+    fits = [math.floor(cluster.get(kind, 0.0) / amount + 1e-9) for kind, amount in need.items() if amount > 0]
+    n = min(fits) if fits else 1
+    if n < 1:
+        raise ValueError(f"one trial needs {need} but the cluster has {cluster}: lower train.num_workers or "
+                         "train.cpus_per_worker, or add nodes")
+    return n
+
+
+def _trial(sample: dict[str, Any], base: dict, prepared_dir: str, out_dir: str) -> None:
+    """One Tune trial: the cv folds of one sampled config, reporting after each fold."""
+    from idengine.cv import run_cv
+
+    config = with_values(config_from_dict(base), sample)
+    monitor = config.tune.metric
+    trial_dir = Path(out_dir) / "trials" / tune.get_context().get_trial_id()
+    per_fold: dict[str, float] = {}
+
+    def report(folds_done: int, summary: dict) -> None:
+        per_fold[f"{monitor}_fold{summary['fold']}"] = summary["val"][monitor]
+        tune.report({"folds_done": folds_done, f"mean_{monitor}": summary["running"][monitor]["mean"],
+                     f"sd_{monitor}": summary["running"][monitor]["sd"], **per_fold})
+
+    run_cv(config, prepared_dir, trial_dir, on_fold=report)
+
+
+def run_tune(config: Config, prepared_dir: str | Path, out_dir: str | Path, resume: bool = False) -> Path:
+    """Search the config's `tune.space`, maximising the mean validation metric over folds.
+
+    Args:
+        config: Base config; each trial replaces the keys of `tune.space`.
+        prepared_dir: Output of `idengine prepare` (every trial reads the same folds).
+        out_dir: Trials table, best config and per-trial cv outputs. On a multi-node cluster, shared storage.
+        resume: Continue the interrupted experiment of the same name instead of starting a new one.
+
+    Returns:
+        The output directory.
+    """
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    monitor = config.tune.metric
+    metric = f"mean_{monitor}"
+    from idengine.data.prepare import read_prepared
+    from idengine.train.ray_train import storage_uri
+
+    records, _ = read_prepared(prepared_dir)
+    if not config.model.is_baseline():
+        from idengine.data.ray_tokenize import tokenized_table
+
+        tokenized_table(prepared_dir, config)  # tokenize once here, so trials share the cache instead of racing
+    n_folds = records["fold"].nunique() - int((records["fold"] == "test").any())
+    trainable = tune.with_parameters(_trial, base=config_to_dict(config), prepared_dir=str(Path(prepared_dir).resolve()),
+                                     out_dir=str(out_dir))
+    trainable = tune.with_resources(trainable, trial_resources(config))
+    storage = storage_uri(config.train.storage_path)
+    experiment = f"{storage.rstrip('/')}/{config.tune.name}"
+    if resume and tune.Tuner.can_restore(experiment):
+        logger.info("resuming %s: finished trials are kept, unfinished ones continue", experiment)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = _new_tuner(config, trainable, metric, n_folds, storage)
+    grid = tuner.fit()
+    return _write_outputs(grid, config, out_dir, metric, n_folds)
+
+
+def _new_tuner(config: Config, trainable, metric: str, n_folds: int, storage: str) -> tune.Tuner:
+    t = config.tune
+    concurrent = max_concurrent_trials(config, ray.cluster_resources())
+    logger.info("tune: %d trials, %d at a time, each holding %s", t.num_samples, concurrent, trial_resources(config))
+    if t.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="folds_done", max_t=n_folds, grace_period=min(t.grace_folds, n_folds),
+                                  reduction_factor=2)
+    else:
+        scheduler = FIFOScheduler()
+    return tune.Tuner(
+        trainable,
+        param_space=search_space(t.space),
+        tune_config=tune.TuneConfig(
+            metric=metric, mode="max", num_samples=t.num_samples, max_concurrent_trials=concurrent,
+            search_alg=OptunaSearch(seed=config.data.seed), scheduler=scheduler,
+        ),
+        run_config=tune.RunConfig(name=t.name, storage_path=storage, callbacks=[TBXLoggerCallback()],
+                                  failure_config=tune.FailureConfig(max_failures=1)),
+    )
+
+
+def _write_outputs(grid, config: Config, out_dir: Path, metric: str, n_folds: int) -> Path:
+    rows = []
+    for result in grid:
+        m = result.metrics or {}
+        row = {"trial_id": m.get("trial_id", Path(result.path).name), "status": "ERROR" if result.error else
+               ("STOPPED_EARLY" if m.get("folds_done", 0) < n_folds else "COMPLETE"),
+               metric: m.get(metric), "folds_done": m.get("folds_done", 0),
+               "seconds": round(m.get("time_total_s", 0.0), 1)}
+        row.update({f"config/{k}": v for k, v in (result.config or {}).items()})
+        row.update({k: v for k, v in m.items() if k.startswith(f"{config.tune.metric}_fold")})
+        rows.append(row)
+    table = pd.DataFrame(rows).sort_values(["folds_done", metric], ascending=False, na_position="last")
+    table.to_csv(out_dir / TRIALS_CSV, index=False)
+    (out_dir / TRIALS_MD).write_text(table.to_markdown(index=False) if _has_tabulate() else table.to_string())
+    best = grid.get_best_result(metric=metric, mode="max", scope="last")
+    # Only trials that ran every fold compete for "best": a stopped trial's running mean covers fewer folds.
+    complete = table[table["status"] == "COMPLETE"]
+    sample = {k[len("config/"):]: v for k, v in complete.iloc[0].items() if k.startswith("config/")} \
+        if len(complete) else dict(best.config)
+    best_config = with_values(config, sample)
+    save_config(best_config, out_dir / BEST_CONFIG)
+    (out_dir / "best.json").write_text(json.dumps({"config": sample, metric: float(complete.iloc[0][metric])
+                                                   if len(complete) else None, "experiment": grid.experiment_path},
+                                                  indent=1, default=str))
+    logger.info("tune done: best %s, %s -> %s", sample, metric, out_dir / BEST_CONFIG)
+    return out_dir
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,38 @@
+"""Identify the sequences of a FASTA with an exported model (Ray Data actors, GPU when present).
+
+Submit to a running cluster (a local head, or the GPU cluster of cluster/):
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/predict.py --model runs/model --sequences reads.fasta.gz --out runs/calls.csv
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir holds the idengine package
+
+from idengine.cli import init_ray  # noqa: E402
+from idengine.config import load_config  # noqa: E402
+from idengine.predict import predict_file  # noqa: E402
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+# 1. Parse --config and dotted overrides (train.lr=3e-4).
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--config", help="YAML config, e.g. jobs/configs/tiny-cpu.yaml")
+parser.add_argument("--model", required=True, help="directory written by train_final.py")
+parser.add_argument("--sequences", required=True, help="FASTA or FASTA.gz")
+parser.add_argument("--out", required=True, help="CSV of calls")
+parser.add_argument("overrides", nargs="*", help="section.key=value")
+args = parser.parse_args()
+config = load_config(args.config, args.overrides)
+
+# 2. Connect to the cluster that `ray job submit` runs us on (RAY_ADDRESS), or start a local Ray.
+init_ray(None)
+
+# 3. Run.
+out = predict_file(args.model, args.sequences, args.out, config.predict)
+
+# 4. Say where the outputs went.
+logging.getLogger("jobs.predict").info("outputs in %s", out)

@@ -1,0 +1,38 @@
+"""Search hyperparameters with Ray Tune + Optuna + ASHA, maximising mean validation PR-AUC over folds.
+
+Submit to a running cluster (a local head, or the GPU cluster of cluster/):
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/tune.py --config jobs/configs/tiny-cpu.yaml --prepared runs/prepared --out runs/tune
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir holds the idengine package
+
+from idengine.cli import init_ray  # noqa: E402
+from idengine.config import load_config  # noqa: E402
+from idengine.tune import run_tune  # noqa: E402
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+# 1. Parse --config and dotted overrides (train.lr=3e-4).
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--config", help="YAML config, e.g. jobs/configs/tiny-cpu.yaml")
+parser.add_argument("--prepared", required=True, help="output directory of prepare_data.py")
+parser.add_argument("--resume", action="store_true", help="continue an interrupted experiment")
+parser.add_argument("--out", required=True, help="output directory")
+parser.add_argument("overrides", nargs="*", help="section.key=value")
+args = parser.parse_args()
+config = load_config(args.config, args.overrides)
+
+# 2. Connect to the cluster that `ray job submit` runs us on (RAY_ADDRESS), or start a local Ray.
+init_ray(None)
+
+# 3. Run.
+out = run_tune(config, args.prepared, args.out, resume=args.resume)
+
+# 4. Say where the outputs went.
+logging.getLogger("jobs.tune").info("outputs in %s", out)
