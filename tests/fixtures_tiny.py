@@ -1,0 +1,83 @@
+"""Fixtures of the tokenizer/model/loop tests: the NT tokenizer built offline, the tiny backbone saved as a checkpoint
+directory (loaded through the same `from_pretrained` path as a real one), and small sets of real 12S records.
+
+conftest.py imports this module (`from fixtures_tiny import *`); nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+SHARED_12S_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "12s-fish"
+_NOT_ACGT = re.compile(r"[^ACGT]")
+
+
+def clean_for_test(sequence: str) -> str:
+    """The cleaning `data/clean.py` applies before tokenizing, reduced to what these tests need."""
+    s = re.sub(r"[\s\-.]", "", sequence.upper()).replace("U", "T")
+    return _NOT_ACGT.sub("N", s)
+
+
+def read_12s_records(limit: int | None = None) -> pd.DataFrame:
+    """`id`, cleaned `sequence` and `species` of the first `limit` records of the shared 12S set (skips if absent)."""
+    fasta, labels = SHARED_12S_DIR / "sequences.fasta.gz", SHARED_12S_DIR / "labels.csv"
+    if not fasta.exists() or not labels.exists():
+        pytest.skip(f"{SHARED_12S_DIR} not found")
+    ids, seqs, chunks = [], [], []
+    with gzip.open(fasta, "rt") as handle:
+        for line in handle:
+            if line.startswith(">"):
+                if chunks:
+                    seqs.append(clean_for_test("".join(chunks)))
+                if limit is not None and len(ids) == limit:
+                    chunks = []
+                    break
+                ids.append(line[1:].split()[0])
+                chunks = []
+            else:
+                chunks.append(line.strip())
+    if chunks:
+        seqs.append(clean_for_test("".join(chunks)))
+    species = pd.read_csv(labels, usecols=["id", "species"]).set_index("id")["species"]
+    return pd.DataFrame({"id": ids, "sequence": seqs, "species": species.reindex(ids).to_numpy()})
+
+
+def labelled_tokens(records: pd.DataFrame, tokenizer, n_species: int, per_species: int, max_tokens: int,
+                    skip: int = 0) -> dict[str, np.ndarray]:
+    """Tokenized columns (+ int `label`) of `per_species` records (after `skip`) of the `n_species` largest species."""
+    from idengine.data.tokenize import tokenize_batch
+
+    top = records["species"].value_counts().index[:n_species]
+    rows = pd.concat([records[records["species"] == s].iloc[skip : skip + per_species] for s in top])
+    batch = {"id": rows["id"].to_numpy(), "sequence": rows["sequence"].to_numpy(dtype=object)}
+    out = tokenize_batch(batch, tokenizer, max_tokens)
+    out["label"] = rows["species"].map({s: i for i, s in enumerate(top)}).to_numpy(dtype=np.int64)
+    return out
+
+
+@pytest.fixture(scope="session")
+def nt_tokenizer():
+    """The Nucleotide Transformer tokenizer, built offline from the in-code vocabulary."""
+    from idengine.data.tokenize import load_tokenizer
+
+    return load_tokenizer("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny backbone as a checkpoint directory: config.json, model.safetensors, vocab.txt, tokenizer_config.json."""
+    from idengine.model import save_tiny_backbone
+
+    return save_tiny_backbone(tmp_path_factory.mktemp("tiny-backbone"))
+
+
+@pytest.fixture(scope="session")
+def records_12s() -> pd.DataFrame:
+    """Every record of the shared 12S set, cleaned (about 1 s to read); skips when the set is absent."""
+    return read_12s_records()
