@@ -81,3 +81,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def records_12s() -> pd.DataFrame:
     """Every record of the shared 12S set, cleaned (about 1 s to read); skips when the set is absent."""
     return read_12s_records()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test on one torch thread: the tiny model gains nothing from more, and a loaded 2-core box loses a lot."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,4 +1,4 @@
-"""Tokenizer: the offline NT vocabulary is InstaDeepAI's, the vectorised ids equal EsmTokenizer's, batches and padding."""
+"""Tokenizer: the offline NT vocab is InstaDeepAI's, the vectorised ids equal EsmTokenizer's; batches and padding."""
 
 from __future__ import annotations
 
@@ -109,8 +109,9 @@ def test_another_vocabulary_uses_the_tokenizer_itself(tmp_path):
 
 def test_collate_pads_to_the_longest_row():
     ids = np.empty(3, dtype=object)
-    ids[:] = [np.array([3, 10, 11], dtype=np.int32), np.array([3], dtype=np.int32), np.array([3, 5, 6, 7, 8], dtype=np.int32)]
-    out = collate({"input_ids": ids, "label": np.array([2, 0, 1]), "sequence": np.array(["a", "b", "c"])}, pad_id=PAD_ID)
+    ids[:] = [np.array(row, dtype=np.int32) for row in ([3, 10, 11], [3], [3, 5, 6, 7, 8])]
+    batch = {"input_ids": ids, "label": np.array([2, 0, 1]), "sequence": np.array(["a", "b", "c"])}
+    out = collate(batch, pad_id=PAD_ID)
     assert set(out) == {"input_ids", "attention_mask", "labels"}
     assert out["input_ids"].tolist() == [[3, 10, 11, 1, 1], [3, 1, 1, 1, 1], [3, 5, 6, 7, 8]]
     assert out["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]

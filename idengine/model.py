@@ -1,0 +1,220 @@
+"""Step 7, model: a Nucleotide Transformer (ESM) backbone + a new classification head, adapted with LoRA (peft).
+
+`build_model` gives the module the training loop trains; `trainable_state_dict` / `load_trainable_state` move only
+what training changed (adapter + head), never the multi-GB base. Backbone `tiny` is a random model of the same
+architecture for CPU tests; `save_tiny_backbone` writes it as a checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from idengine.config import DEFAULT_BACKBONE, TINY_BACKBONE, LoraSettings, ModelConfig
+
+log = logging.getLogger(__name__)
+
+# Checkpoints we trust to unpickle: InstaDeepAI publishes the 2.5B NT only as pickled `.bin` shards.
+PICKLE_TRUSTED_BACKBONES = (DEFAULT_BACKBONE,)
+TINY_SEED = 0
+"""The tiny backbone's weights are always drawn from this seed, so every process rebuilds the same base."""
+
+
+def tiny_config(**labels):
+    """EsmConfig of the 2.5B NT (absolute positions, token dropout, pad 1, mask 2, 1000 tokens) at toy size.
+
+    vocab_size is 4105 as in the real model: ids 4105/4106 (`<eos>`, `<bos>`) never occur because the tokenizer
+    adds no EOS. Token dropout only rescales embeddings by a constant 0.88 when no `<mask>` is present (the same in
+    training and evaluation), so it is kept as in the real model.
+
+    Args:
+        **labels: num_labels, id2label, label2id for a classification config.
+    """
+    from transformers import EsmConfig
+
+    return EsmConfig(
+        vocab_size=4105,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        max_position_embeddings=1002,
+        position_embedding_type="absolute",
+        pad_token_id=1,
+        mask_token_id=2,
+        token_dropout=True,
+        emb_layer_norm_before=False,
+        layer_norm_eps=1e-12,
+        **labels,
+    )
+
+
+def _tiny_masked_lm():
+    """The tiny backbone as an EsmForMaskedLM (the class NT checkpoints are saved as), seeded with TINY_SEED."""
+    from transformers import EsmForMaskedLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        return EsmForMaskedLM(tiny_config())
+
+
+def save_tiny_backbone(out_dir: str | Path) -> Path:
+    """Write the tiny backbone as a checkpoint dir (config.json, model.safetensors, NT tokenizer files).
+
+    `build_model` on this directory goes through the same `from_pretrained` path as a real checkpoint and gives
+    the same weights as backbone `tiny`.
+
+    Args:
+        out_dir: directory to write (created if needed).
+
+    Returns:
+        out_dir as a Path.
+    """
+    from idengine.data.tokenize import write_offline_tokenizer
+
+    out = Path(out_dir)
+    _tiny_masked_lm().save_pretrained(str(out), safe_serialization=True)
+    write_offline_tokenizer(out)
+    return out
+
+
+def _load_classifier(model_cfg: ModelConfig, num_labels: int, id2label: dict[int, str]) -> nn.Module:
+    """EsmForSequenceClassification with the backbone's weights and a classification head still to be set."""
+    from transformers import EsmForSequenceClassification
+
+    labels = {"num_labels": num_labels, "id2label": dict(id2label), "label2id": {v: k for k, v in id2label.items()}}
+    if model_cfg.backbone == TINY_BACKBONE:
+        with torch.random.fork_rng(devices=[]):
+            model = EsmForSequenceClassification(tiny_config(**labels))
+        missing, _unexpected = model.load_state_dict(_tiny_masked_lm().state_dict(), strict=False)
+        if any(not k.startswith("classifier.") for k in missing):
+            raise RuntimeError(f"tiny backbone misses weights {missing}")
+        return model
+    # Unpickling can run code: pickled `.bin` shards are read only for checkpoints named as trusted; every other
+    # backbone must ship safetensors.
+    use_safetensors = model_cfg.backbone not in PICKLE_TRUSTED_BACKBONES
+    return EsmForSequenceClassification.from_pretrained(
+        model_cfg.backbone,
+        revision=model_cfg.revision,
+        trust_remote_code=model_cfg.trust_remote_code,
+        use_safetensors=use_safetensors,
+        dtype=torch.float32,  # fp32 master weights; the loop autocasts to bf16/fp16 on a GPU
+        ignore_mismatched_sizes=True,  # a checkpoint that already has a head of another size
+        **labels,
+    )
+
+
+def _reset_head(model: nn.Module, seed: int) -> None:
+    """Draw a NEW head from `seed` (even when the checkpoint carried one), as ESM initialises Linear layers."""
+    std = model.config.initializer_range
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in model.classifier.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                nn.init.zeros_(module.bias)
+
+
+def build_model(
+    model_cfg: ModelConfig, lora: LoraSettings, num_labels: int, id2label: dict[int, str], seed: int = 0
+) -> nn.Module:
+    """Backbone + new classification head, set up for `model_cfg.finetune` (lora, full or head).
+
+    Args:
+        model_cfg: backbone (hub id, local dir or `tiny`), revision, finetune mode, gradient checkpointing.
+        lora: rank, alpha, dropout and target modules (used in `lora` mode).
+        num_labels: number of classes of the head.
+        id2label: class index -> species name, stored in the model config.
+        seed: seed of the new head (and of nothing else: the base comes from the checkpoint or TINY_SEED).
+
+    Returns:
+        A peft PeftModelForSequenceClassification (`lora`) or an EsmForSequenceClassification (`full`, `head`),
+        in training mode, on the CPU. Only the parameters the mode trains have requires_grad.
+    """
+    model = _load_classifier(model_cfg, num_labels, id2label)
+    _reset_head(model, seed)
+    if model_cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input grads, so it works with a frozen embedding (peft #899).
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if model_cfg.finetune == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        peft_cfg = LoraConfig(
+            task_type="SEQ_CLS",
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            modules_to_save=["classifier"],
+        )
+        model = get_peft_model(model, peft_cfg)
+    elif model_cfg.finetune == "head":
+        for name, param in model.named_parameters():
+            param.requires_grad = name.startswith("classifier.")
+    else:
+        for param in model.parameters():
+            param.requires_grad = True
+    trainable, total = count_parameters(model)
+    log.info("model %s (%s): %d of %d parameters trainable", model_cfg.backbone, model_cfg.finetune, trainable, total)
+    return model.train()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel (or the model itself), so state-dict keys never start `module.`."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; peft's frozen copy of the original head counts in total."""
+    params = list(unwrap(model).parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters training changes (LoRA adapters + head, or all in `full` mode), detached CPU copies.
+
+    Args:
+        model: a model from build_model, possibly wrapped in DistributedDataParallel.
+
+    Returns:
+        Parameter name -> tensor, for every parameter with requires_grad.
+    """
+    return {
+        name: param.detach().to("cpu", copy=True).contiguous()
+        for name, param in unwrap(model).named_parameters()
+        if param.requires_grad
+    }
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy a `trainable_state_dict` back into a model built the same way (strict: same names, same shapes).
+
+    Args:
+        model: a model from build_model with the same backbone, finetune mode, LoRA settings and labels.
+        state: name -> tensor, as returned by trainable_state_dict.
+
+    Raises:
+        KeyError: the names differ from the model's trainable parameters (different mode, rank or targets).
+        ValueError: a tensor's shape differs (e.g. another number of labels).
+    """
+    params = {name: p for name, p in unwrap(model).named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise KeyError(
+            f"trainable state does not match the model: missing {missing[:5]} ({len(missing)}), "
+            f"unexpected {unexpected[:5]} ({len(unexpected)}); was it saved with another finetune mode or LoRA setting?"
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            if param.shape != state[name].shape:
+                raise ValueError(f"{name}: saved shape {tuple(state[name].shape)} != model {tuple(param.shape)}")
+            param.copy_(state[name])
