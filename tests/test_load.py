@@ -193,7 +193,8 @@ def test_vectors_and_clusters_join_by_id(tmp_path):
     ids = [r for r, _ in records]
     vectors = pd.DataFrame({"id": ids[::-1], "GC": [s.count("G") / len(s) for _, s in records[::-1]], "len": 1})
     vectors.to_csv(tmp_path / "vectors.csv", index=False)
-    pd.DataFrame({"id": ids, "cluster": [f"c{i // 3}" for i in range(len(ids))]}).to_csv(tmp_path / "clusters.csv", index=False)
+    clusters = pd.DataFrame({"id": ids, "cluster": [f"c{i // 3}" for i in range(len(ids))]})
+    clusters.to_csv(tmp_path / "clusters.csv", index=False)
     cfg = cfg_for(SAMPLE_FASTA, vectors=str(tmp_path / "vectors.csv"), clusters=str(tmp_path / "clusters.csv"))
     table, _ = load_barcodes(cfg)
     assert table[C.ID].tolist() == ids

@@ -200,7 +200,8 @@ def test_read_prepared_refuses_an_incomplete_directory(tmp_path):
 @pytest.mark.integration
 def test_full_12s_fish_accounts_for_every_record(shared_12s, tmp_path):
     start = time.perf_counter()
-    cfg = Config(data=DataConfig(sequences=str(shared_12s / "sequences.fasta.gz"), labels=str(shared_12s / "labels.csv")))
+    data = DataConfig(sequences=str(shared_12s / "sequences.fasta.gz"), labels=str(shared_12s / "labels.csv"))
+    cfg = Config(data=data)
     out = prepare_dataset(cfg, tmp_path / "full")
     elapsed = time.perf_counter() - start
     report = check_accounting(out)

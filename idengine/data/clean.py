@@ -1,4 +1,4 @@
-"""Step 2, clean: normalise bases, drop unusable records, group duplicates, resolve label conflicts, set rare species aside.
+"""Step 2, clean: normalise bases, drop unusable records, resolve label conflicts, group, set rare species aside.
 
 Order of the steps (each record is counted once, under the first reason that applies):
 1. normalise: upper-case, U->T, gaps (`-`, `.`) and whitespace removed, IUPAC ambiguity codes -> N;
@@ -68,7 +68,8 @@ def _first_reason(raw: str, seq: str, invalid: set[str], species: Any, cfg: Data
         return "empty_sequence", "no bases after the header" if not raw.strip() else "only gaps/whitespace"
     if invalid:
         shown = "".join(sorted(invalid))[:20]
-        return "invalid_characters", f"not nucleotides/IUPAC/gaps: {shown!r} (first at position {_first_at(raw, invalid)})"
+        position = _first_at(raw, invalid)
+        return "invalid_characters", f"not nucleotides/IUPAC/gaps: {shown!r} (first at position {position})"
     if species is None or (isinstance(species, float) and np.isnan(species)) or not str(species).strip():
         return "empty_species", "species value is empty in labels.csv"
     if len(seq) < cfg.min_len_bp:
@@ -146,7 +147,7 @@ def resolve_label_conflicts(table: pd.DataFrame, policy: str) -> tuple[pd.DataFr
         lose = (sub[C.SEQUENCE].map(majority) != sub[C.SPECIES]).to_numpy()
     losers = sub[lose]
     details = [
-        f"sequence labelled {labelled[seq]}" + (f"; majority is {majority[seq]}" if seq in majority else "; no majority")
+        f"sequence labelled {labelled[seq]}; " + (f"majority is {majority[seq]}" if seq in majority else "no majority")
         for seq in losers[C.SEQUENCE]
     ]
     dropped = pd.DataFrame({C.ID: losers[C.ID], "reason": "label_conflict", "detail": details}, dtype=object)
@@ -204,7 +205,9 @@ def filter_rare_species(table: pd.DataFrame, min_distinct: int) -> tuple[pd.Data
     return table[common].reset_index(drop=True), table[~common].reset_index(drop=True), distinct
 
 
-def clean_barcodes(table: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+def clean_barcodes(
+    table: pd.DataFrame, cfg: DataConfig
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """Run steps 1-5 on loaded records.
 
     Args:

@@ -90,7 +90,9 @@ def decode_text(raw: bytes, path: str | Path) -> tuple[str, dict[str, int]]:
     nul = raw.find(b"\x00")
     if nul >= 0:
         line = raw.count(b"\n", 0, nul) + 1
-        raise InputError(f"{path}: binary data (a NUL byte) at line {line}; expected a text file (FASTA/CSV, plain or gzip)")
+        raise InputError(
+            f"{path}: binary data (a NUL byte) at line {line}; expected a text file (FASTA/CSV, plain or gzip)"
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -188,7 +190,9 @@ def read_table(path: str | Path, required: tuple[str, ...], role: str) -> tuple[
     try:
         table = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, skip_blank_lines=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise InputError(f"{path}: not a readable {role} CSV ({err}); check the quoting and the number of fields per line") from None
+        raise InputError(
+            f"{path}: not a readable {role} CSV ({err}); check the quoting and the number of fields per line"
+        ) from None
     table.columns = [str(c).strip().lower() for c in table.columns]
     missing = [c for c in required if c not in table.columns]
     if missing:
@@ -253,7 +257,7 @@ def read_vectors(path: str | Path) -> pd.DataFrame:
 
 
 def read_clusters(path: str | Path) -> pd.DataFrame:
-    """Read clusters.csv: `id`, `cluster` (any string). Raises InputError without those columns or with empty clusters."""
+    """Read clusters.csv: `id`, `cluster` (any string). InputError without those columns or with an empty cluster."""
     table, _ = read_table(path, (C.ID, C.CLUSTER), "clusters")
     empty = table[C.CLUSTER] == ""
     if empty.any():
@@ -322,7 +326,8 @@ def load_barcodes(cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
         side = side[~side[C.ID].isin(dups)]  # their records are already dropped as duplicate_id
         table, extra = _join_side(table, side, path, reason, cfg, dropped)
         unmatched[role] = len(extra)
-        unmatched_dropped.extend((i, f"{role.rstrip('s')}_without_sequence", f"row in {Path(path).name}") for i in extra)
+        reason_extra = f"{role.rstrip('s')}_without_sequence"  # label_without_sequence, ...
+        unmatched_dropped.extend((i, reason_extra, f"row in {Path(path).name}") for i in extra)
     reasons = pd.Series([r for _, r, _ in dropped], dtype=object).value_counts()
     counts: dict[str, Any] = {
         "records_read": n_read,

@@ -47,6 +47,27 @@ def length_summary(sequences: pd.Series) -> dict[str, int]:
     return {k: int(round(v)) for k, v in zip(("min", "p5", "median", "p95", "max"), q)}
 
 
+def _species_entries(
+    loaded: pd.DataFrame, records: pd.DataFrame, unknown: pd.DataFrame, clean_counts: dict[str, Any]
+) -> dict[str, Any]:
+    """Species counts and size buckets before (as loaded) and after (kept), and the imbalance of the kept ones."""
+    sizes = records[C.SPECIES].value_counts()
+    return {
+        "species_before": int(loaded[C.SPECIES].dropna().nunique()),
+        "species_after_cleaning": int(clean_counts["species_after_cleaning"]),
+        "species_after": int(records[C.SPECIES].nunique()),
+        "species_set_aside": int(unknown[C.SPECIES].nunique()),
+        "buckets_before": size_buckets(loaded[C.SPECIES].dropna()),
+        "buckets_after": size_buckets(records[C.SPECIES]),
+        "imbalance_ratio": float(sizes.max() / sizes.min()) if len(sizes) else 0.0,
+        "records_per_species_after": {
+            "min": int(sizes.min()) if len(sizes) else 0,
+            "median": float(sizes.median()) if len(sizes) else 0.0,
+            "max": int(sizes.max()) if len(sizes) else 0,
+        },
+    }
+
+
 def build_report(
     load_counts: dict[str, Any],
     clean_counts: dict[str, Any],
@@ -74,7 +95,6 @@ def build_report(
     dropped_counts = {**load_counts["dropped"], **clean_counts["dropped"]}
     dropped = {reason: int(dropped_counts.get(reason, 0)) for reason in REASON_ORDER}
     dropped.update({k: int(v) for k, v in dropped_counts.items() if k not in dropped})
-    sizes = records[C.SPECIES].value_counts()
     report: dict[str, Any] = {
         "records_read": int(load_counts["records_read"]),
         "kept": int(len(records)),
@@ -83,18 +103,7 @@ def build_report(
         "dropped": dropped,
         "label_rows_read": int(load_counts["label_rows_read"]),
         "unmatched_rows": load_counts["unmatched_rows"],
-        "species_before": int(loaded[C.SPECIES].dropna().nunique()),
-        "species_after_cleaning": int(clean_counts["species_after_cleaning"]),
-        "species_after": int(records[C.SPECIES].nunique()),
-        "species_set_aside": int(unknown[C.SPECIES].nunique()),
-        "buckets_before": size_buckets(loaded[C.SPECIES].dropna()),
-        "buckets_after": size_buckets(records[C.SPECIES]),
-        "imbalance_ratio": float(sizes.max() / sizes.min()) if len(sizes) else 0.0,
-        "records_per_species_after": {
-            "min": int(sizes.min()) if len(sizes) else 0,
-            "median": float(sizes.median()) if len(sizes) else 0.0,
-            "max": int(sizes.max()) if len(sizes) else 0,
-        },
+        **_species_entries(loaded, records, unknown, clean_counts),
         "length_bp": length_summary(records[C.SEQUENCE]),
         "length_bp_set_aside": length_summary(unknown[C.SEQUENCE]),
         "label_conflicts": clean_counts["label_conflicts"],
@@ -108,7 +117,7 @@ def build_report(
     }
     accounted = report["kept"] + report["set_aside_rare_species"] + report["dropped_total"]
     if accounted != report["records_read"]:
-        raise RuntimeError(f"bug: prepare counts do not add up: {accounted} accounted for, {report['records_read']} read")
+        raise RuntimeError(f"bug: prepare counts do not add up: {accounted} accounted, {report['records_read']} read")
     return report
 
 

@@ -119,7 +119,8 @@ class LabelSpace:
     def to_dict(self) -> dict[str, Any]:
         """The label_map.json content."""
         labels = [
-            {"label": i, C.SPECIES: s, **{r: self.taxonomy[r][i] for r in self.ranks}} for i, s in enumerate(self.species)
+            {C.LABEL: i, C.SPECIES: s, **{r: self.taxonomy[r][i] for r in self.ranks}}
+            for i, s in enumerate(self.species)
         ]
         return {"ranks": list(self.ranks), "labels": labels}
 
