@@ -225,3 +225,15 @@ def test_missing_file_is_named(tmp_path):
     with pytest.raises(InputError, match="file not found") as err:
         load_barcodes(cfg_for(tmp_path / "nope.fasta"))
     assert "nope.fasta" in str(err.value)
+
+
+def test_rows_of_already_dropped_records_are_not_unmatched(tmp_path):
+    labels = pd.read_csv(SAMPLE_LABELS, dtype=str, keep_default_na=False)
+    path = tmp_path / "labels.csv"
+    labels.drop(index=3).to_csv(path, index=False)
+    ids = labels["id"].tolist()
+    pd.DataFrame({"id": ids, "gc": 0.5}).to_csv(tmp_path / "vectors.csv", index=False)
+    cfg = cfg_for(SAMPLE_FASTA, path, vectors=str(tmp_path / "vectors.csv"), drop_unmatched_ids=True)
+    table, counts = load_barcodes(cfg)
+    assert counts["dropped"] == {"no_label": 1} and counts["unmatched_rows"] == {"labels": 0, "vectors": 0}
+    assert len(table) == 247 and len(counts["dropped_rows"]) == 1

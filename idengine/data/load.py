@@ -323,7 +323,8 @@ def load_barcodes(cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
         hit = table[C.ID].isin(side_dups)
         dropped.extend((i, "duplicate_id", f"id repeated in {Path(path).name}") for i in table.loc[hit, C.ID])
         table = table[~hit]
-        side = side[~side[C.ID].isin(dups)]  # their records are already dropped as duplicate_id
+        # rows of records already dropped (duplicate_id, or missing from an earlier file) are not unmatched rows
+        side = side[side[C.ID].isin(table[C.ID]) | ~side[C.ID].isin(seqs[C.ID])]
         table, extra = _join_side(table, side, path, reason, cfg, dropped)
         unmatched[role] = len(extra)
         reason_extra = f"{role.rstrip('s')}_without_sequence"  # label_without_sequence, ...
