@@ -72,6 +72,12 @@ def test_fast_path_inside_one_batch_matches_single_calls():
     seqs = ["ACGTACGT", "", "NNACGTACGTACGTN", "T"]
     joined = nt_token_ids(seqs)
     assert [j.tolist() for j in joined] == [nt_token_ids([s])[0].tolist() for s in seqs]  # no leak across rows
+    assert nt_token_ids([]) == []
+
+
+def test_empty_batch(nt_tokenizer):
+    out = tokenize_batch({"sequence": np.array([], dtype=object)}, nt_tokenizer, 100)
+    assert len(out["input_ids"]) == len(out["n_tokens"]) == len(out["truncated"]) == 0
 
 
 def test_tokenize_batch_truncates_and_flags(nt_tokenizer, records_12s):

@@ -30,8 +30,8 @@ NT_VOCAB_SHA256 = "f1b544e27897936b50bbd925850fa8a08b421c33bb9c26e3711c140c061d0
 """sha256 of InstaDeepAI's published vocab.txt (4107 lines joined by newlines, no trailing newline)."""
 
 _BASES = "ATCG"  # NT's 6-mer order is itertools.product("ATCG"), so A=0, T=1, C=2, G=3 in base 4
-# Byte -> code: A T C G -> 0-3, N -> 4, anything else -> 5 (rejected: the sequence was not cleaned).
-_CODE = np.full(256, 5, dtype=np.int64)
+# Byte -> code: A T C G -> 0-3, N -> 4, anything else -> 5 (rejected: not cleaned); 6 marks a sequence start.
+_CODE = np.full(256, 5, dtype=np.int32)
 for _i, _b in enumerate(_BASES + "N"):
     _CODE[ord(_b)] = _i
 _PROBE = "ACGTACGTNNACGTACGTACGTAC"  # N run, a 6-mer grid restart and single-base leftovers
@@ -88,32 +88,36 @@ def load_tokenizer(name_or_dir: str, revision: str | None = None, trust_remote_c
     return AutoTokenizer.from_pretrained(name_or_dir, revision=revision, trust_remote_code=trust_remote_code)
 
 
-def _kmer_token_ids(codes: np.ndarray, seq_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Boolean emit-mask and ids of NT's greedy rule over the concatenated codes of a whole batch.
+def _ranges(starts: np.ndarray, counts: np.ndarray, step: int = 1) -> np.ndarray:
+    """Concatenation of `starts[i] + step * arange(counts[i])` over i, without a Python loop."""
+    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(starts, counts) + step * offsets
 
-    Within each run of ACGT (a run ends at an N or at a sequence boundary) a token starts every 6 bases while 6
-    remain; the leftover bases become single-base tokens; every N is its own token.
+
+def _token_stream(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions and ids of the tokens NT's greedy rule emits over a batch's codes (separators: code 6 -> CLS).
+
+    Within each run of ACGT a token starts every 6 bases while 6 remain; the leftover bases become single-base
+    tokens; every N is its own token (and ends the run, so the 6-mer grid restarts after it).
     """
-    n = len(codes)
-    is_base = codes < 4
-    prev_base = np.concatenate(([False], is_base[:-1]))
-    prev_same_seq = np.concatenate(([False], seq_index[1:] == seq_index[:-1]))
-    run_start = is_base & ~(prev_base & prev_same_seq)
-    run_id = np.cumsum(run_start) - 1
-    starts = np.flatnonzero(run_start)
-    # A run ends where the next base starts a run, is an N, or belongs to the next sequence.
-    run_len = np.bincount(run_id[is_base], minlength=len(starts))
-    pos = np.arange(n) - starts[np.maximum(run_id, 0)] if len(starts) else np.zeros(n, dtype=np.int64)
-    full = KMER * (run_len[np.maximum(run_id, 0)] // KMER) if len(starts) else np.zeros(n, dtype=np.int64)
-    kmer_start = is_base & (pos < full) & (pos % KMER == 0)
-    single = ~is_base | (pos >= full)
-    # Base-4 value of the 6 codes from each position (positions near the end read padding; they are never used).
-    padded = np.concatenate((np.where(is_base, codes, 0), np.zeros(KMER, dtype=np.int64)))
-    value = np.zeros(n, dtype=np.int64)
-    for j in range(KMER):
-        value = value * 4 + padded[j : j + n]
-    ids = np.where(kmer_start, FIRST_KMER_ID + value, FIRST_BASE_ID + codes)
-    return kmer_start | single, ids
+    is_base = (codes < 4).view(np.int8)
+    edges = np.diff(is_base, prepend=np.int8(0), append=np.int8(0))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    n_kmers = (ends - starts) // KMER
+    kmer_at = _ranges(starts, n_kmers, step=KMER)
+    single_at = _ranges(starts + KMER * n_kmers, ends - starts - KMER * n_kmers)
+    other_at = np.flatnonzero(codes >= 4)  # N and the separators
+    ids = np.empty(len(codes), dtype=np.int32)
+    ids[single_at] = FIRST_BASE_ID + codes[single_at]
+    ids[other_at] = np.where(codes[other_at] == 4, FIRST_BASE_ID + 4, CLS_ID)
+    value = np.zeros(len(kmer_at), dtype=np.int32)
+    for j in range(KMER):  # base-4 value of the 6 bases from each 6-mer start
+        value = value * 4 + codes[kmer_at + j]
+    ids[kmer_at] = FIRST_KMER_ID + value
+    emit = np.zeros(len(codes), dtype=bool)
+    emit[kmer_at] = emit[single_at] = emit[other_at] = True
+    at = np.flatnonzero(emit)
+    return at, ids[at]
 
 
 def nt_token_ids(sequences: list[str] | np.ndarray, record_ids: np.ndarray | None = None) -> list[np.ndarray]:
@@ -131,24 +135,23 @@ def nt_token_ids(sequences: list[str] | np.ndarray, record_ids: np.ndarray | Non
     Raises:
         ValueError: a sequence holds another character (it was not cleaned by `data/clean.py`).
     """
+    if len(sequences) == 0:
+        return []
+    # Every sequence is preceded by a separator byte that becomes its CLS token and ends any run before it.
+    joined = ("\0" + "\0".join(sequences)).encode("ascii", errors="replace")
     lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
-    cls = np.array([CLS_ID], dtype=np.int32)
-    if lengths.sum() == 0:
-        return [cls.copy() for _ in range(len(sequences))]
-    joined = "".join(sequences).encode("ascii", errors="replace")
+    separators = np.cumsum(lengths + 1) - lengths - 1
     codes = _CODE[np.frombuffer(joined, dtype=np.uint8)]
+    codes[separators] = 6
     if (codes == 5).any():
-        seq_no = int(np.searchsorted(np.cumsum(lengths), int(np.argmax(codes == 5)), side="right"))
+        seq_no = int(np.searchsorted(separators, int(np.argmax(codes == 5)), side="right")) - 1
         name = record_ids[seq_no] if record_ids is not None else f"#{seq_no} of the batch"
         raise ValueError(
             f"sequence of record {name} holds a character other than A, C, G, T, N; clean the records first "
             "(idengine prepare does: upper-case, U->T, IUPAC codes->N, gaps removed)"
         )
-    seq_index = np.repeat(np.arange(len(sequences)), lengths)
-    emit, ids = _kmer_token_ids(codes, seq_index)
-    counts = np.bincount(seq_index[emit], minlength=len(sequences))
-    tokens = np.split(ids[emit].astype(np.int32), np.cumsum(counts)[:-1])
-    return [np.concatenate((cls, t)) for t in tokens]
+    at, ids = _token_stream(codes)
+    return np.split(ids, np.searchsorted(at, separators[1:]))
 
 
 def _is_nt_tokenizer(tokenizer) -> bool:
