@@ -118,8 +118,12 @@ def _baseline_fold_fn(config: Config, records, labels):
     return fit
 
 
+# Per-epoch bookkeeping that sits beside the metrics in a history entry.
+NOT_METRICS = ("epoch", "loss", "seconds", "tokens_per_s", "best_epoch", "best_score", "fit_s", "predict_seqs_per_s")
+
+
 def _fold_result(fold, ids, y, logits, best: dict, history: list[dict], config: Config) -> dict:
-    metric_names = [k for k in best if not k.startswith(("train_", "gap_")) and k not in ("epoch", "loss")]
+    metric_names = [k for k in best if not k.startswith(("train_", "gap_")) and k not in NOT_METRICS]
     val = {k: float(best[k]) for k in metric_names if isinstance(best[k], (int, float))}
     train = {k[len("train_"):]: float(v) for k, v in best.items() if k.startswith("train_")}
     gap = float(train.get(config.train.monitor, np.nan) - val.get(config.train.monitor, np.nan))

@@ -119,6 +119,9 @@ def fit_fold(config: Config, tokens: pa.Table, fold: str, num_classes: int, id2l
         "id2label": {int(k): v for k, v in id2label.items()},
         "class_weights": None if weights is None else weights.tolist(),
         "n_train": train.num_rows,
+        # Local mode persists its own checkpoints (Ray keeps only a reference there).
+        "local_run_dir": f"{storage_uri(config.train.storage_path).rstrip('/')}/{run_name}"
+        if config.train.num_workers == 0 else None,
     }
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
@@ -176,16 +179,31 @@ def _batches(iterator, batch_size: int, pad_id: int, shuffle_seed: int | None = 
                                        device="cpu", **kwargs)
 
 
-def _reporter(rank: int):
+def _persist_locally(checkpoint_dir: Path, run_dir: str, epoch: int) -> ray.train.Checkpoint:
+    """Local mode (num_workers=0) keeps only a reference to the directory it is given: copy it to storage first."""
+    import pyarrow.fs
+
+    target = f"{run_dir.rstrip('/')}/checkpoint_epoch_{epoch:03d}"
+    fs, path = pyarrow.fs.FileSystem.from_uri(target if "://" in target else Path(target).resolve().as_uri())
+    fs.create_dir(path, recursive=True)
+    pyarrow.fs.copy_files(str(checkpoint_dir), path, destination_filesystem=fs)
+    old = f"{run_dir.rstrip('/')}/checkpoint_epoch_{epoch - 2:03d}"  # keep the latest two, as CheckpointConfig does
+    if epoch > 2 and "://" not in old and Path(old).exists():
+        shutil.rmtree(old)
+    return ray.train.Checkpoint(path=path, filesystem=fs)
+
+
+def _reporter(rank: int, local_run_dir: str | None):
     """The loop's report hook: every worker reports each epoch; rank 0 attaches the checkpoint directory."""
     fail_after = os.environ.get(FAIL_AFTER_EPOCH_ENV)
     marker = os.environ.get(FAIL_MARKER_ENV)
 
     def report(metrics: dict, checkpoint_dir: Path | None) -> None:
-        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        checkpoint = None
         if checkpoint_dir is not None:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            checkpoint = _persist_locally(checkpoint_dir, local_run_dir, int(metrics["epoch"])) if local_run_dir \
+                else ray.train.Checkpoint.from_directory(str(checkpoint_dir))
+        ray.train.report(metrics, checkpoint=checkpoint)
         if fail_after and marker and int(metrics["epoch"]) == int(fail_after) and not Path(marker).exists():
             Path(marker).write_text(f"worker {rank} exited after epoch {fail_after}\n")
             logger.warning("test hook: worker %d exits after epoch %s", rank, fail_after)
@@ -228,12 +246,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     def score(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         return classification_metrics(labels, softmax(logits), top_k=top_k)
 
+    reporter = _reporter(rank, loop_config["local_run_dir"])
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        run_fold(model, data, config.train, score, device, _reporter(rank), None, is_chief=rank == 0)
+        run_fold(model, data, config.train, score, device, reporter, None, is_chief=rank == 0)
         return
     with checkpoint.as_directory() as resume_dir:
         local = Path(tempfile.mkdtemp(prefix="idengine-resume-"))
         shutil.copytree(resume_dir, local, dirs_exist_ok=True)
     logger.info("rank %d resumes from %s", rank, checkpoint.path)
-    run_fold(model, data, config.train, score, device, _reporter(rank), local, is_chief=rank == 0)
+    run_fold(model, data, config.train, score, device, reporter, local, is_chief=rank == 0)
