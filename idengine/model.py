@@ -130,7 +130,7 @@ def build_model(
         lora: rank, alpha, dropout and target modules (used in `lora` mode).
         num_labels: number of classes of the head.
         id2label: class index -> species name, stored in the model config.
-        seed: seed of the new head (and of nothing else: the base comes from the checkpoint or TINY_SEED).
+        seed: seed of the new head and of the LoRA matrices (the base comes from the checkpoint or TINY_SEED).
 
     Returns:
         A peft PeftModelForSequenceClassification (`lora`) or an EsmForSequenceClassification (`full`, `head`),
@@ -156,7 +156,9 @@ def build_model(
             target_modules=list(lora.target_modules),
             modules_to_save=["classifier"],
         )
-        model = get_peft_model(model, peft_cfg)
+        with torch.random.fork_rng(devices=[]):  # LoRA A is drawn at random: from `seed`, not the global RNG
+            torch.manual_seed(seed)
+            model = get_peft_model(model, peft_cfg)
     elif model_cfg.finetune == "head":
         for name, param in model.named_parameters():
             param.requires_grad = name.startswith("classifier.")

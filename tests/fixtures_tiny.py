@@ -1,7 +1,8 @@
 """Fixtures of the tokenizer/model/loop tests: the NT tokenizer built offline, the tiny backbone saved as a checkpoint
 directory (loaded through the same `from_pretrained` path as a real one), and small sets of real 12S records.
 
-conftest.py imports this module (`from fixtures_tiny import *`); nothing here downloads anything.
+conftest.py imports the fixtures (`from fixtures_tiny import *`); tests import the helper functions directly.
+Nothing here downloads anything.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
+__all__ = ["nt_tokenizer", "one_torch_thread", "records_12s", "tiny_model_dir"]  # the fixtures, for conftest
 
 SHARED_12S_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "12s-fish"
 _NOT_ACGT = re.compile(r"[^ACGT]")

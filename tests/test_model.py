@@ -119,13 +119,23 @@ def test_load_trainable_state_is_strict():
         load_trainable_state(model, {**state, head: torch.zeros(N_LABELS + 1)})
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
-    plain, checkpointed = _build(finetune="full"), _build(finetune="full", gradient_checkpointing=True)
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_gradient_checkpointing_gives_the_same_gradients(finetune):
+    plain, checkpointed = _build(finetune=finetune), _build(finetune=finetune, gradient_checkpointing=True)
     batch, labels = _batch(), torch.tensor([0, 1, 2, 3])
     grads = []
     for model in (plain, checkpointed):
         model.train()
         torch.nn.functional.cross_entropy(model(**batch).logits, labels).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) >= 16
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
+def test_lora_init_depends_on_the_seed_argument_only():
+    torch.manual_seed(123)
+    a = trainable_state_dict(_build(seed=0))
+    torch.manual_seed(456)
+    b, c = trainable_state_dict(_build(seed=0)), trainable_state_dict(_build(seed=1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not any(torch.equal(a[k], c[k]) for k in a if "lora_A" in k)
