@@ -63,7 +63,10 @@ from torch import nn
 from idengine import columns as C
 from idengine.calibrate import Calibrator
 from idengine.config import TINY_BACKBONE, Config, load_config, save_config
+from idengine.data.clean import normalise_sequence
 from idengine.data.splits import LabelSpace
+from idengine.data.tokenize import collate, load_tokenizer, tokenize_batch
+from idengine.model import build_model, load_trainable_state, save_tiny_backbone, trainable_state_dict, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -102,22 +105,12 @@ class Artifact:
                             self.device)
 
     def probabilities(self, sequences: list[str], batch_size: int = 64) -> np.ndarray:
-        """Calibrated (n, C) float64 probabilities, rows summing to 1, columns in label order.
-
-        Raises:
-            ValueError: a sequence is empty or holds characters that are not nucleotides / IUPAC codes / gaps.
-        """
+        """Calibrated (n, C) float64 probabilities in label order; ValueError for an empty or non-DNA sequence."""
         return self.calibrator.apply(self.logits(sequences, batch_size))
 
 
 def clean_for_model(sequences: list[str]) -> list[str]:
-    """Normalise raw sequences exactly as `idengine prepare` does (upper case, U->T, IUPAC->N, gaps removed).
-
-    Raises:
-        ValueError: a sequence is empty after normalising or holds other characters, naming its position.
-    """
-    from idengine.data.clean import normalise_sequence
-
+    """Normalise like `idengine prepare` (upper case, U->T, IUPAC->N, no gaps); ValueError for an unusable one."""
     cleaned = []
     for i, raw in enumerate(sequences):
         seq, invalid, _flags = normalise_sequence(str(raw))
@@ -131,16 +124,11 @@ def clean_for_model(sequences: list[str]) -> list[str]:
 @torch.inference_mode()
 def model_logits(model: nn.Module, tokenizer, sequences: list[str], max_tokens: int, batch_size: int = 64,
                  device: str = "cpu") -> np.ndarray:
-    """Logits of a classifier for raw sequences: normalise, tokenize, pad per batch, forward in eval mode.
+    """(n, C) float32 logits of raw sequences: normalise, tokenize, pad per batch, forward in eval mode.
 
     Batches are formed in length order so that short amplicons are not padded to full-gene length; rows come
     back in input order. The result depends only on the model and the sequences, not on which caller runs it.
-
-    Returns:
-        (n, C) float32 logits.
     """
-    from idengine.data.tokenize import collate, tokenize_batch
-
     cleaned = clean_for_model(sequences)
     num_labels = model.config.num_labels
     out = np.zeros((len(cleaned), num_labels), dtype=np.float32)
@@ -160,13 +148,13 @@ def model_logits(model: nn.Module, tokenizer, sequences: list[str], max_tokens: 
 
 def library_versions() -> dict[str, str | None]:
     """Installed versions of the libraries an artifact depends on (None when one is not installed)."""
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in VERSIONED_PACKAGES:
+    def version(name: str) -> str | None:
         try:
-            versions[name] = metadata.version(name)
+            return metadata.version(name)
         except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+            return None
+
+    return {"python": platform.python_version(), **{name: version(name) for name in VERSIONED_PACKAGES}}
 
 
 def file_sha256(path: Path) -> str:
@@ -197,8 +185,6 @@ def write_json(path: Path, data: Any) -> None:
 
 def _write_weights(tmp: Path, model: nn.Module, config: Config, merge: bool) -> None:
     """The trained weights in the mode's layout; the base goes in base/ only for the (tiny, random) `tiny` backbone."""
-    from idengine.model import save_tiny_backbone, trainable_state_dict
-
     mode = config.model.finetune
     if mode == "lora":
         model.save_pretrained(str(tmp), safe_serialization=True)
@@ -247,23 +233,15 @@ def _readme(config: Config, label_space: LabelSpace, threshold: float) -> str:
 def _write_manifest(directory: Path, config: Config, label_space: LabelSpace, merged: bool) -> dict[str, Any]:
     """idengine.json: versions, base, mode and the sha256 of every other file (sorted relative paths)."""
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "versions": library_versions(),
-        "base_model": _base_record(config),
-        "finetune": config.model.finetune,
-        "num_labels": label_space.num_classes,
-        "max_tokens": config.model.max_tokens,
-        "merged": merged,
-        "files": {p.relative_to(directory).as_posix(): file_sha256(p) for p in files},
-    }
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "versions": library_versions(), "base_model": _base_record(config), "finetune": config.model.finetune,
+                "num_labels": label_space.num_classes, "max_tokens": config.model.max_tokens, "merged": merged,
+                "files": {p.relative_to(directory).as_posix(): file_sha256(p) for p in files}}
     write_json(directory / MANIFEST, manifest)
     return manifest
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
+def replace_dir(tmp: Path, out: Path) -> None:
     """Put a finished temp directory at `out`, replacing an older one only after the new one is complete."""
     old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
     if out.exists():
@@ -279,24 +257,16 @@ def export_artifact(out_dir: str | Path, model: nn.Module, tokenizer, label_spac
 
     Args:
         out_dir: the artifact directory; an existing one is replaced once the new one is complete.
-        model: the trained model from build_model (peft model for lora), possibly DDP-wrapped.
-        tokenizer: its tokenizer.
-        label_space: the labels (with taxonomy) the head predicts.
-        config: the resolved config the model was trained with.
-        calibrator: the calibration map fitted on out-of-fold logits.
-        threshold: the species threshold chosen on calibrated out-of-fold probabilities.
+        model, tokenizer: the trained model from build_model (possibly DDP-wrapped) and its tokenizer.
+        label_space, config: the labels (with taxonomy) the head predicts; the resolved config it was trained with.
+        calibrator, threshold: the calibration map and species threshold fitted on out-of-fold data.
         metrics: written as metrics.json (non-finite numbers become null).
         merge: also write merged/ (LoRA merged into the base: a full model, gigabytes for the real backbone).
         extra_files: relative name -> existing file to copy in (reports, plots); listed in the manifest too.
 
     Returns:
-        out_dir as a Path.
-
-    Raises:
-        ValueError: the model's number of labels differs from the label space, or an extra file is a pickle.
+        out_dir as a Path. Raises ValueError when the head and label space differ, or an extra file is a pickle.
     """
-    from idengine.model import unwrap
-
     model = unwrap(model)
     if model.config.num_labels != label_space.num_classes:
         raise ValueError(f"model has {model.config.num_labels} labels, label space {label_space.num_classes}")
@@ -321,7 +291,7 @@ def export_artifact(out_dir: str | Path, model: nn.Module, tokenizer, label_spac
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, tmp / name)
         _write_manifest(tmp, config, label_space, merged=merge)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -330,11 +300,14 @@ def export_artifact(out_dir: str | Path, model: nn.Module, tokenizer, label_spac
 
 
 def update_artifact_files(model_dir: str | Path, files: dict[str, Any]) -> dict[str, Any]:
-    """Rewrite JSON files (name -> content) of an artifact still being built, and its manifest; returns it."""
+    """Write files (name -> str for text, else JSON) into an artifact still being built; updates the manifest."""
     directory = Path(model_dir)
     manifest = read_manifest(directory)
     for name, content in files.items():
-        write_json(directory / name, content)
+        if isinstance(content, str):
+            (directory / name).write_text(content, encoding="utf-8")
+        else:
+            write_json(directory / name, content)
         manifest["files"][name] = file_sha256(directory / name)
     manifest["files"] = dict(sorted(manifest["files"].items()))
     write_json(directory / MANIFEST, manifest)
@@ -342,12 +315,7 @@ def update_artifact_files(model_dir: str | Path, files: dict[str, Any]) -> dict[
 
 
 def read_manifest(model_dir: str | Path) -> dict[str, Any]:
-    """The manifest of an artifact directory.
-
-    Raises:
-        FileNotFoundError: the directory has no idengine.json (not written by export_artifact).
-        ValueError: another format or a newer format version.
-    """
+    """The manifest of an artifact directory; FileNotFoundError without one, ValueError for another format."""
     path = Path(model_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir}: no {MANIFEST}; pass the directory written by `idengine train`")
@@ -359,14 +327,7 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
 
 
 def verify_artifact(model_dir: str | Path) -> dict[str, Any]:
-    """Check every file against the manifest's sha256 and that no pickle-capable file is present.
-
-    Returns:
-        The manifest.
-
-    Raises:
-        ValueError: a file is missing, altered, unlisted, or has a pickle-capable suffix.
-    """
+    """The manifest, once every file matches its sha256 and none is pickle-capable (else ValueError)."""
     directory = Path(model_dir)
     manifest = read_manifest(directory)
     present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()} - {MANIFEST}
@@ -383,15 +344,12 @@ def verify_artifact(model_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _load_model(directory: Path, config: Config, manifest: dict[str, Any], base_model: str | None) -> nn.Module:
+def _load_model(directory: Path, config: Config, manifest: dict[str, Any], labels: LabelSpace,
+                base_model: str | None) -> nn.Module:
     """Rebuild the classifier: base + adapter (lora), the whole saved model (full), or base + head (head)."""
     from transformers import EsmForSequenceClassification
 
-    from idengine.model import build_model, load_trainable_state
-
     mode = manifest["finetune"]
-    labels = LabelSpace.from_json(directory / C.LABEL_MAP_FILE)
-    id2label = dict(enumerate(labels.species))
     if mode == "full":
         return EsmForSequenceClassification.from_pretrained(str(directory), use_safetensors=True)
     record = manifest["base_model"]  # an override, the bundled base/, or the recorded hub id + revision
@@ -400,7 +358,7 @@ def _load_model(directory: Path, config: Config, manifest: dict[str, Any], base_
     # The head drawn here is overwritten below; build_model applies the backbone's pickle policy.
     base_cfg = dataclasses.replace(config.model, backbone=source, revision=revision, finetune="head",
                                    gradient_checkpointing=False)
-    model = build_model(base_cfg, config.lora, labels.num_classes, id2label)
+    model = build_model(base_cfg, config.lora, labels.num_classes, dict(enumerate(labels.species)))
     if mode == "head":
         load_trainable_state(model, load_file(str(directory / HEAD_FILE)))
         return model
@@ -421,10 +379,8 @@ def load_artifact(model_dir: str | Path, device: str | None = None, base_model: 
         verify: check every file's sha256 against the manifest first.
 
     Returns:
-        The Artifact, its model in eval mode on `device`.
-
-    Raises:
-        FileNotFoundError: not an artifact directory. ValueError: altered files, or files that disagree.
+        The Artifact, its model in eval mode on `device`. Raises FileNotFoundError for a directory that is not
+        an artifact, ValueError for altered or inconsistent files.
     """
     directory = Path(model_dir)
     manifest = verify_artifact(directory) if verify else read_manifest(directory)
@@ -434,12 +390,9 @@ def load_artifact(model_dir: str | Path, device: str | None = None, base_model: 
     if manifest["num_labels"] != label_space.num_classes:
         raise ValueError(f"{directory}: manifest says {manifest['num_labels']} labels, label_map.json "
                          f"{label_space.num_classes}")
-    from idengine.data.tokenize import load_tokenizer
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = _load_model(directory, config, manifest, base_model).to(device).eval()
-    tokenizer = load_tokenizer(str(directory))
-    threshold = calibration["threshold"]
+    model = _load_model(directory, config, manifest, label_space, base_model).to(device).eval()
     log.info("loaded %s (%s, %d species) on %s", directory, manifest["finetune"], label_space.num_classes, device)
-    return Artifact(model, tokenizer, label_space, Calibrator.from_dict(calibration["calibrator"]),
-                    float("inf") if threshold is None else float(threshold), config, manifest, device)
+    return Artifact(model, load_tokenizer(str(directory)), label_space,
+                    Calibrator.from_dict(calibration["calibrator"]), float(calibration["threshold"]), config,
+                    manifest, device)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import tempfile
 import time
 import uuid
 import zlib
@@ -37,18 +38,17 @@ from idengine.columns import CONFIG_FILE
 from idengine.config import DataConfig, PredictConfig, load_config
 from idengine.data.clean import normalise_sequence
 from idengine.data.load import GZIP_MAGIC, InputError
+from idengine.export import load_artifact, verify_artifact
 
 log = logging.getLogger(__name__)
 
-CHUNK_RECORDS = 1024
-"""Records per block read from the FASTA: the unit Ray Data streams, so memory stays flat whatever the file size."""
-BATCHES_PER_CALL = 8
-"""Forward batches per Ray Data batch: records are sorted by length within it, so less padding."""
+CHUNK_RECORDS = 1024  # records per block read from the FASTA: memory stays flat whatever the file size
+BATCHES_PER_CALL = 8  # forward batches per Ray Data batch: sorting by length within it cuts padding
 ERRORS_SUFFIX = ".errors.csv"
 ERROR_COLUMNS = ["id", "record", "reason", "detail"]
+CHUNK_COLUMNS = ["id", "record", "sequence", "length_bp", "reason", "detail"]
 _BOM = b"\xef\xbb\xbf"
-_READ_ERRORS = (EOFError, OSError, zlib.error)
-"""What a truncated or corrupt gzip stream raises while it is read."""
+_READ_ERRORS = (EOFError, OSError, zlib.error)  # what a truncated or corrupt gzip stream raises
 
 
 def _open(path: Path):
@@ -58,12 +58,8 @@ def _open(path: Path):
 
 
 def check_fasta_start(path: str | Path) -> None:
-    """Refuse a file that cannot be FASTA at all; everything after its first header is checked per record.
-
-    Raises:
-        InputError: missing or empty file, a gzip stream corrupt from the start, or a first line that is not a
-            '>' header (binary data, or text before the first record).
-    """
+    """Refuse a file that cannot be FASTA at all (InputError: missing, empty, gzip corrupt from the start, or a first
+    line that is not a '>' header); everything after the first header is checked per record instead."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found; pass a FASTA or FASTA.gz file with --sequences")
@@ -90,17 +86,12 @@ def _first_line(stream, max_bytes: int = 1 << 16) -> bytes:
 
 
 def _is_text(raw: bytes) -> bool:
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
+    return raw.decode("utf-8", errors="replace").encode("utf-8") == raw
 
 
 def _iter_raw_records(path: Path) -> Iterator[tuple[bytes | None, list[bytes], str | None]]:
     """(header, sequence lines, read error) per record; a stream that breaks ends with its partial record."""
-    header: bytes | None = None
-    lines: list[bytes] = []
+    header, lines = None, []
     with _open(path) as stream:
         try:
             for number, line in enumerate(stream):
@@ -132,28 +123,26 @@ def check_record(header: bytes, lines: list[bytes], cfg: DataConfig) -> tuple[st
     raw = b"".join(lines)
     if b"\x00" in raw or not _is_text(raw):
         return rid, "", "binary_data", "the sequence lines hold bytes that are not text"
-    text = raw.decode("utf-8")
-    seq, invalid, _flags = normalise_sequence(text)
+    seq, invalid, _flags = normalise_sequence(raw.decode("utf-8"))
     if invalid:
-        shown = "".join(sorted(invalid))[:20]
-        return rid, "", "invalid_characters", f"not nucleotides/IUPAC/gaps: {shown!r}"
+        return rid, "", "invalid_characters", f"not nucleotides/IUPAC/gaps: {''.join(sorted(invalid))[:20]!r}"
     if not seq:
         return rid, "", "empty_sequence", "no bases after the header"
-    if len(seq) < cfg.min_len_bp:
-        return rid, "", "too_short", f"{len(seq)} bp < min_len_bp={cfg.min_len_bp}"
-    if len(seq) > cfg.max_len_bp:
-        return rid, "", "too_long", f"{len(seq)} bp > max_len_bp={cfg.max_len_bp}"
     n_fraction = seq.count("N") / len(seq)
-    if n_fraction > cfg.max_n_fraction:
-        return rid, "", "too_many_n", f"N fraction {n_fraction:.3f} > max_n_fraction={cfg.max_n_fraction}"
+    for reason, bad, detail in (
+        ("too_short", len(seq) < cfg.min_len_bp, f"{len(seq)} bp < min_len_bp={cfg.min_len_bp}"),
+        ("too_long", len(seq) > cfg.max_len_bp, f"{len(seq)} bp > max_len_bp={cfg.max_len_bp}"),
+        ("too_many_n", n_fraction > cfg.max_n_fraction, f"N fraction {n_fraction:.3f} > {cfg.max_n_fraction}"),
+    ):
+        if bad:
+            return rid, "", reason, detail
     return rid, seq, "", ""
 
 
 def iter_chunks(path: str | Path, cfg: DataConfig, chunk_records: int = CHUNK_RECORDS) -> Iterator[pd.DataFrame]:
     """Stream a FASTA as DataFrames of at most chunk_records rows: id, record, sequence, length_bp, reason, detail.
 
-    Raises:
-        InputError: the file is not FASTA at all (see check_fasta_start); nothing else stops the stream.
+    Only a file that is not FASTA at all raises (InputError, see check_fasta_start); nothing else stops the stream.
     """
     path = Path(path)
     check_fasta_start(path)
@@ -167,16 +156,10 @@ def iter_chunks(path: str | Path, cfg: DataConfig, chunk_records: int = CHUNK_RE
             rid, seq, reason, detail = check_record(header, lines, cfg)
             rows.append((rid, number, seq, len(seq), reason, detail))
         if len(rows) >= chunk_records:
-            yield _chunk_frame(rows)
+            yield pd.DataFrame(rows, columns=CHUNK_COLUMNS)
             rows = []
     if rows:
-        yield _chunk_frame(rows)
-
-
-def _chunk_frame(rows: list[tuple]) -> pd.DataFrame:
-    frame = pd.DataFrame(rows, columns=["id", "record", "sequence", "length_bp", "reason", "detail"])
-    return frame.astype({"id": str, "record": np.int64, "sequence": str, "length_bp": np.int64, "reason": str,
-                         "detail": str})
+        yield pd.DataFrame(rows, columns=CHUNK_COLUMNS)
 
 
 def predict_records(artifact, ids: list[str], sequences: list[str], top_k: int = 5,
@@ -185,8 +168,7 @@ def predict_records(artifact, ids: list[str], sequences: list[str], top_k: int =
 
     Args:
         artifact: an `idengine.export.Artifact`.
-        ids: record ids, one per sequence.
-        sequences: sequences to score (normalised here as in training; each must be a usable barcode).
+        ids, sequences: record ids and their sequences (normalised here as in training; each must be usable).
         top_k: species written per record (at most the number of species).
         batch_size: sequences per forward pass.
 
@@ -221,22 +203,17 @@ def predict_frame(artifact, chunk: pd.DataFrame, top_k: int, batch_size: int = 6
     scored = predict_records(artifact, chunk.loc[good, "id"].tolist(), chunk.loc[good, "sequence"].tolist(),
                              top_k, batch_size)
     scored.index = chunk.index[good]
-    out = chunk.drop(columns=["sequence"]).join(scored.drop(columns=["id"]))
-    k = min(top_k, artifact.label_space.num_classes)
-    for j in range(1, k + 1):  # a block of only bad records still gets every column, with the right types
-        out[f"top{j}_species"] = out.get(f"top{j}_species", pd.Series(index=out.index, dtype=object))
-        out[f"top{j}_prob"] = out.get(f"top{j}_prob", pd.Series(index=out.index, dtype=np.float64))
-    for name, dtype in (("call", object), ("call_rank", object), ("confidence", np.float64)):
-        out[name] = out.get(name, pd.Series(index=out.index, dtype=dtype))
-    return out
+    # Even with no good row, `scored` has every column, so each block has the same schema.
+    return chunk.drop(columns=["sequence"]).join(scored.drop(columns=["id"]))
 
 
 class PredictBatch:
-    """Ray Data callable: one artifact per actor (loaded once), then `predict_frame` on each batch."""
+    """Ray Data callable: one artifact per actor (loaded once), then `predict_frame` on each batch.
 
-    def __init__(self, model_dir: str, top_k: int, batch_size: int, files: Any = None) -> None:
-        from idengine.export import load_artifact
+    With output="logits" it returns {"row", "logits"} for batches of {"row", "sequence"} instead (final.py uses it).
+    """
 
+    def __init__(self, model_dir: str, top_k: int, batch_size: int, files: Any = None, output: str = "calls") -> None:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         if isinstance(files, ray.ObjectRef):
             files = ray.get(files)
@@ -244,9 +221,12 @@ class PredictBatch:
             model_dir = _materialise(files)
         # The driver verified every sha256; merged/ is never shipped, so it would read as missing here.
         self.artifact = load_artifact(model_dir, verify=False)
-        self.top_k, self.batch_size = top_k, batch_size
+        self.top_k, self.batch_size, self.output = top_k, batch_size, output
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame | dict[str, np.ndarray]:
+        if self.output == "logits":
+            logits = self.artifact.logits(batch["sequence"].tolist(), self.batch_size)
+            return {"row": batch["row"].to_numpy(), "logits": logits}
         return predict_frame(self.artifact, batch, self.top_k, self.batch_size)
 
 
@@ -259,8 +239,6 @@ def _artifact_files(model_dir: Path, limit_bytes: int = 1 << 30) -> dict[str, by
 
 
 def _materialise(files: dict[str, bytes]) -> str:
-    import tempfile
-
     directory = Path(tempfile.mkdtemp(prefix="idengine-model-"))
     for name, content in files.items():
         (directory / name).parent.mkdir(parents=True, exist_ok=True)
@@ -272,34 +250,30 @@ class _Writer:
     """Appends calls (CSV or parquet) and bad records (CSV) under temporary names; `close` renames them."""
 
     def __init__(self, out: Path) -> None:
-        self.out, self.errors = out, out.with_name(out.name + ERRORS_SUFFIX)
-        tag = uuid.uuid4().hex[:8]
-        self.tmp_out = out.with_name(f".{out.name}.{tag}.tmp")
-        self.tmp_errors = out.with_name(f".{self.errors.name}.{tag}.tmp")
-        self.parquet = out.suffix == ".parquet"
+        self.out, self.errors, tag = out, out.with_name(out.name + ERRORS_SUFFIX), uuid.uuid4().hex[:8]
+        self.tmp_out, self.tmp_errors = (out.with_name(f".{p.name}.{tag}.tmp") for p in (out, self.errors))
+        self.parquet, self.n_calls, self.n_errors = out.suffix == ".parquet", 0, 0
         self.writer: pq.ParquetWriter | None = None
         self.columns: list[str] | None = None
-        self.n_calls = self.n_errors = 0
         pd.DataFrame(columns=ERROR_COLUMNS).to_csv(self.tmp_errors, index=False)
 
     def write(self, block: pd.DataFrame) -> None:
         bad = block["reason"] != ""
-        errors = block.loc[bad, ["id", "record", "reason", "detail"]]
+        errors = block.loc[bad, ERROR_COLUMNS]
         errors.to_csv(self.tmp_errors, mode="a", header=False, index=False)
         calls = block.loc[~bad].drop(columns=["reason", "detail"])
-        if self.columns is None:
-            self.columns = list(calls.columns)
+        self.columns = self.columns or list(calls.columns)
+        self.n_errors += len(errors)
+        if calls.empty:  # nothing to append; an all-bad block would also give the parquet schema null types
+            return
         calls = calls[self.columns]
         if self.parquet:
             table = pa.Table.from_pandas(calls, preserve_index=False)
-            if self.writer is None:
-                self.writer = pq.ParquetWriter(self.tmp_out, table.schema)
+            self.writer = self.writer or pq.ParquetWriter(self.tmp_out, table.schema)
             self.writer.write_table(table.cast(self.writer.schema))
         else:
-            calls.to_csv(self.tmp_out, mode="a", header=self.n_calls == 0 and not self.tmp_out.exists(),
-                         index=False, float_format="%.6g")
+            calls.to_csv(self.tmp_out, mode="a", header=self.n_calls == 0, index=False, float_format="%.6g")
         self.n_calls += len(calls)
-        self.n_errors += len(errors)
 
     def close(self) -> None:
         if self.parquet and self.writer is None:
@@ -331,7 +305,6 @@ class FastaDatasource(Datasource):
 
     def estimate_inmemory_data_size(self) -> int | None:
         return self.path.stat().st_size
-
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: Any = None) -> list[ReadTask]:
         path, cfg, chunk = self.path, self.cfg, self.chunk_records
@@ -348,28 +321,44 @@ def _actor_pool(cfg: PredictConfig) -> tuple[int, bool]:
     return (gpus, True) if gpus else (max(1, int(resources.get("CPU", 1)) // 2), False)
 
 
-def _ray_blocks(model_dir: Path, sequences: Path, data_cfg: DataConfig, cfg: PredictConfig) -> Iterator[pd.DataFrame]:
+def _predict_batches(ds: ray.data.Dataset, model_dir: Path, cfg: PredictConfig, output: str) -> ray.data.Dataset:
+    """ds.map_batches(PredictBatch) on an actor pool; the artifact travels through the object store when small."""
     actors, use_gpu = _actor_pool(cfg)
     files = _artifact_files(model_dir)
-    ds = ray.data.read_datasource(FastaDatasource(sequences, data_cfg))
-    ds.context.execution_options.preserve_order = True  # calls come out in FASTA order
-    log.info("predict: %d actor(s)%s over %s", actors, " with 1 GPU each" if use_gpu else "", sequences)
-    ds = ds.map_batches(
+    log.info("predict: %d actor(s)%s", actors, " with 1 GPU each" if use_gpu else "")
+    return ds.map_batches(
         PredictBatch,
-        fn_constructor_kwargs={"model_dir": str(model_dir.resolve()), "top_k": cfg.top_k,
+        fn_constructor_kwargs={"model_dir": str(model_dir.resolve()), "top_k": cfg.top_k, "output": output,
                                "batch_size": cfg.batch_size, "files": None if files is None else ray.put(files)},
-        # A Ray batch holds several forward batches, so sorting by length inside it cuts padding.
         batch_size=cfg.batch_size * BATCHES_PER_CALL,
         batch_format="pandas",
         concurrency=actors,
         num_gpus=1 if use_gpu else None,
     )
-    yield from ds.iter_batches(batch_format="pandas", batch_size=None)
+
+
+def _ray_blocks(model_dir: Path, sequences: Path, data_cfg: DataConfig, cfg: PredictConfig) -> Iterator[pd.DataFrame]:
+    ds = ray.data.read_datasource(FastaDatasource(sequences, data_cfg))
+    ds.context.execution_options.preserve_order = True  # calls come out in FASTA order
+    yield from _predict_batches(ds, model_dir, cfg, "calls").iter_batches(batch_format="pandas", batch_size=None)
+
+
+def score_logits(model_dir: str | Path, sequences: list[str], cfg: PredictConfig, use_ray: bool = True) -> np.ndarray:
+    """Raw (n, C) logits of valid sequences with an artifact, on the Ray Data actor pool or in this process."""
+    if not use_ray or not sequences:
+        return load_artifact(model_dir, verify=False, device=None).logits(list(sequences), cfg.batch_size)
+    frame = pd.DataFrame({"row": np.arange(len(sequences)), "sequence": list(sequences)})
+    ds = _predict_batches(ray.data.from_pandas(frame), Path(model_dir), cfg, "logits")
+    rows, logits = [], []
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        rows.append(batch["row"])
+        logits.append(batch["logits"])
+    out = np.empty((len(sequences), logits[0].shape[1]), dtype=np.float32)
+    out[np.concatenate(rows)] = np.concatenate(logits)
+    return out
 
 
 def _local_blocks(model_dir: Path, sequences: Path, data_cfg: DataConfig, cfg: PredictConfig) -> Iterator[pd.DataFrame]:
-    from idengine.export import load_artifact
-
     artifact = load_artifact(model_dir, verify=False)
     for chunk in iter_chunks(sequences, data_cfg):
         yield predict_frame(artifact, chunk, cfg.top_k, cfg.batch_size)
@@ -387,13 +376,9 @@ def predict_file(model_dir: str | Path, sequences_path: str | Path, out_path: st
         use_ray: Ray Data actors (needs `ray.init()` first); False scores in this process (small files, tests).
 
     Returns:
-        out_path as a Path; both files appear only when complete.
-
-    Raises:
-        InputError: the sequences file is not FASTA at all. ValueError/FileNotFoundError: a bad artifact.
+        out_path as a Path; both files appear only when complete. Raises InputError when the sequences file is not
+        FASTA at all, ValueError / FileNotFoundError for a bad artifact.
     """
-    from idengine.export import verify_artifact
-
     model_dir, sequences, out = Path(model_dir), Path(sequences_path), Path(out_path)
     verify_artifact(model_dir)
     data_cfg = load_config(model_dir / CONFIG_FILE).data
