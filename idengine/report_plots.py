@@ -156,7 +156,7 @@ def pr_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], per_cl
         left.plot(recall, precision, color="black" if pooled else f"C{i % 10}", linewidth=2 if pooled else 0.8,
                   label=f"{name} (AP {ap:.3f})", drawstyle="steps-post")
     left.set(xlabel="recall", ylabel="precision", title="Micro-averaged PR", xlim=(0, 1), ylim=(0, 1.02))
-    left.legend(fontsize="small", loc="lower left")
+    left.legend(fontsize="small", loc="best")
     if per_class_ap.size:
         mid.hist(per_class_ap, bins=np.linspace(0, 1, 21), color="tab:blue", edgecolor="white")
         mid.axvline(per_class_ap.mean(), color="black", linestyle="--", label=f"macro {per_class_ap.mean():.3f}")
