@@ -227,3 +227,25 @@ def test_no_weight_decay_on_biases_and_norms():
     assert {names[id(p)].rsplit(".", 1)[-1] for p in no_decay["params"]} == {"bias", "weight"}
     assert all(names[id(p)].endswith("bias") or "norm" in names[id(p)].lower() for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_cpu_runs_in_fp32_whatever_the_precision():
+    from idengine.train.loop import autocast_dtype_for
+
+    assert {autocast_dtype_for(_cfg(precision=p), CPU) for p in ("auto", "bf16", "fp16", "fp32")} == {None}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_tiny_fold_trains_under_autocast_on_a_gpu(fold, precision):
+    from idengine.train.loop import autocast_dtype_for, train_fold_local
+
+    train, val = fold
+    cfg = _cfg(epochs=2, precision=precision, lr=1e-2)
+    cuda = torch.device("cuda")
+    assert autocast_dtype_for(cfg, cuda) == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    outcome = train_fold_local(_model(), local_fold_data(train, val, cfg, N_CLASSES), cfg, accuracy, cuda)
+    assert all(math.isfinite(h["loss"]) for h in outcome.state.history)
+    assert outcome.best_val_logits.dtype == np.float32 and outcome.best_val_logits.shape == (16, N_CLASSES)
+    assert all(t.device.type == "cpu" for t in outcome.best_state.values())
