@@ -229,6 +229,25 @@ def test_no_weight_decay_on_biases_and_norms():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
+def test_a_ddp_wrapped_model_trains_and_checkpoints_unprefixed_names(fold, tmp_path):
+    import torch.distributed as dist
+
+    train, val = fold
+    cfg = _cfg(epochs=2, grad_accum_steps=2)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = _model()
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        kept = []
+        outcome = run_fold(ddp, local_fold_data(train, val, cfg, N_CLASSES), cfg, accuracy, CPU,
+                           lambda m, d: kept.append(set(load_file(str(d / "trainable.safetensors")))))
+    finally:
+        dist.destroy_process_group()
+    assert kept == [names, names] and set(outcome.best_state) == names
+    assert outcome.state.epoch == 2 and all(math.isfinite(h["loss"]) for h in outcome.state.history)
+
+
 def test_cpu_runs_in_fp32_whatever_the_precision():
     from idengine.train.loop import autocast_dtype_for
 
