@@ -163,8 +163,10 @@ def build_model(
         for name, param in model.named_parameters():
             param.requires_grad = name.startswith("classifier.")
     else:
-        for param in model.parameters():
-            param.requires_grad = True
+        for name, param in model.named_parameters():
+            # ESM's contact-prediction head is not in the classification forward: training it would leave
+            # parameters without gradients, which DistributedDataParallel refuses (peft #951 is the LoRA twin).
+            param.requires_grad = ".contact_head." not in f".{name}"
     trainable, total = count_parameters(model)
     log.info("model %s (%s): %d of %d parameters trainable", model_cfg.backbone, model_cfg.finetune, trainable, total)
     return model.train()

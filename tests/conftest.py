@@ -41,3 +41,29 @@ def shared_12s() -> Path:
     if not (SHARED_12S / "labels.csv").exists():
         pytest.skip(f"{SHARED_12S} not found")
     return SHARED_12S
+
+
+from fixtures_tiny import *  # noqa: E402,F401,F403  (tiny model, offline tokenizer, real 12S records)
+
+
+@pytest.fixture(scope="session")
+def prepared_example(tmp_path_factory) -> Path:
+    """The bundled example (examples/12s-fish-mini) prepared with default settings, once per test run."""
+    from idengine.config import load_config
+    from idengine.data.prepare import prepare_dataset
+
+    config = load_config(REPO / "jobs" / "configs" / "tiny-cpu.yaml", [
+        f"data.sequences={REPO / 'examples' / '12s-fish-mini' / 'sequences.fasta.gz'}",
+        f"data.labels={REPO / 'examples' / '12s-fish-mini' / 'labels.csv'}",
+    ])
+    return prepare_dataset(config, tmp_path_factory.mktemp("example") / "prepared")
+
+
+def tiny_test_config(tmp_path: Path, *overrides: str):
+    """The tiny CPU config with storage in tmp_path and short training, plus overrides."""
+    from idengine.config import load_config
+
+    return load_config(REPO / "jobs" / "configs" / "tiny-cpu.yaml", [
+        f"train.storage_path={tmp_path / 'ray'}", "train.epochs=2", "train.patience=0", "train.num_workers=0",
+        "train.train_eval_size=64", *overrides,
+    ])

@@ -312,7 +312,7 @@ def _report_epoch(report, metrics, is_chief, model, optimizer, scheduler, state,
 def run_fold(
     model: nn.Module, data: FoldData, cfg: TrainConfig, score: Callable[[np.ndarray, np.ndarray], dict[str, float]],
     device: torch.device, report: Callable[[dict, Path | None], None], resume_dir: Path | None = None,
-    is_chief: bool = True,
+    is_chief: bool = True, select_best: bool = True,
 ) -> FoldOutcome:
     """Train one fold: epochs of train_epoch + scoring, early stopping on `cfg.monitor`, a report per epoch.
 
@@ -325,6 +325,9 @@ def run_fold(
             that is deleted when report returns (so report must copy or upload it synchronously).
         resume_dir: a save_checkpoint directory to continue from.
         is_chief: this worker writes checkpoints and logs.
+        select_best: False for the final model: exactly cfg.epochs epochs, no early stopping, the last epoch is kept,
+            and the validation data (the held-out test split) is scored once, after the last epoch, so that it
+            can never influence training.
 
     Returns:
         The FoldOutcome; the model is left holding the best epoch's trainable parameters.
@@ -338,19 +341,28 @@ def run_fold(
         state, best_state, best_logits = load_checkpoint(resume_dir, model, optimizer, scheduler, scaler)
         log.info("resumed after epoch %d (best epoch %d)", state.epoch, state.best_epoch)
     weights = data.class_weights.to(device) if data.class_weights is not None else None
-    while state.epoch < cfg.epochs and not (cfg.patience > 0 and state.epochs_since_best >= cfg.patience):
+    while state.epoch < cfg.epochs and not (select_best and cfg.patience > 0
+                                             and state.epochs_since_best >= cfg.patience):
         torch.manual_seed(cfg.seed + state.epoch)  # dropout per epoch: a resumed fold replays the same draws
         stats = train_epoch(model, data.train_batches(state.epoch), optimizer, scheduler, cfg, weights, device,
                             autocast_dtype, scaler, max_steps=data.steps_per_epoch)
-        metrics, val_logits, val_labels = _score_epoch(model, data, cfg, score, device, autocast_dtype)
+        last = state.epoch + 1 == cfg.epochs
+        if select_best or last:
+            metrics, val_logits, val_labels = _score_epoch(model, data, cfg, score, device, autocast_dtype)
+        else:
+            metrics, val_logits = {cfg.monitor: math.nan}, np.zeros((0,), dtype=np.float32)
         metrics.update(epoch=state.epoch + 1, loss=stats["loss"], seconds=stats["seconds"],
                        tokens_per_s=stats["tokens"] / max(stats["seconds"], 1e-9))
-        if _update_state(state, metrics[cfg.monitor], metrics):
+        improved = _update_state(state, metrics[cfg.monitor], metrics)
+        if not select_best:  # the final model keeps its last epoch, whatever the scores
+            state.best_epoch, state.best_score, improved = state.epoch, metrics[cfg.monitor], True
+            metrics.update(best_epoch=state.best_epoch, best_score=state.best_score)
+        if improved:
             best_state, best_logits = trainable_state_dict(model), val_logits
         if is_chief:
             log.info("epoch %d/%d loss %.4f val %s %.4f train %s %.4f tokens/s %.0f", state.epoch, cfg.epochs,
-                     stats["loss"], cfg.monitor, metrics[cfg.monitor], cfg.monitor, metrics[f"train_{cfg.monitor}"],
-                     metrics["tokens_per_s"])
+                     stats["loss"], cfg.monitor, metrics[cfg.monitor], cfg.monitor,
+                     metrics.get(f"train_{cfg.monitor}", math.nan), metrics["tokens_per_s"])
         _report_epoch(report, metrics, is_chief, model, optimizer, scheduler, state, best_state, best_logits, scaler)
     load_trainable_state(model, best_state)
     if val_labels is None:  # resumed a fold that had already finished: no epoch ran here

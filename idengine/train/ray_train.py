@@ -34,9 +34,17 @@ from idengine.config import Config, config_from_dict, config_to_dict
 
 logger = logging.getLogger(__name__)
 
-# Test hook: the worker exits abruptly once, right after reporting this epoch, to prove that a fold resumes.
-FAIL_AFTER_EPOCH_ENV = "IDENGINE_FAIL_AFTER_EPOCH"
-FAIL_MARKER_ENV = "IDENGINE_FAIL_MARKER"
+
+
+@dataclass(frozen=True)
+class InjectedFault:
+    """Test hook: rank 0 exits abruptly once, right after reporting `after_epoch`, to prove that a fold resumes.
+
+    `marker` is a file on storage every worker can see; its existence means the fault already happened.
+    """
+
+    after_epoch: int
+    marker: str
 
 
 @dataclass
@@ -91,16 +99,18 @@ def scaling_config(config: Config) -> ScalingConfig:
 
 
 def fit_fold(config: Config, tokens: pa.Table, fold: str, num_classes: int, id2label: dict[int, str],
-             run_name: str) -> FoldRun:
+             run_name: str, fault: InjectedFault | None = None) -> FoldRun:
     """Train one fold as a Ray Train run and return its best epoch's validation logits.
 
     Args:
         config: The resolved config (model, LoRA, training and scaling settings).
         tokens: The token table of the prepared directory (see `data/ray_tokenize.py`).
-        fold: The validation fold ("0" ... "K-1"), or "" to train on every non-test record with no validation.
+        fold: The validation fold ("0" ... "K-1"); or "test" to train the final model on every non-test record for
+            exactly `train.epochs` epochs and score the held-out test split once, after the last epoch.
         num_classes: Size of the label space (the head's output size).
         id2label: Label index -> species name, stored in the model config.
         run_name: Ray Train run name; checkpoints go to `<train.storage_path>/<run_name>`.
+        fault: Tests only: make a worker die once after a checkpoint.
 
     Returns:
         The fold's history and best-epoch validation logits (rows in the order of `val_ids`).
@@ -122,6 +132,9 @@ def fit_fold(config: Config, tokens: pa.Table, fold: str, num_classes: int, id2l
         # Local mode persists its own checkpoints (Ray keeps only a reference there).
         "local_run_dir": f"{storage_uri(config.train.storage_path).rstrip('/')}/{run_name}"
         if config.train.num_workers == 0 else None,
+        # The final model (fold "test") trains a fixed number of epochs and scores the test split once, at the end.
+        "select_best": fold != C.TEST_FOLD,
+        "fault": None if fault is None else {"after_epoch": fault.after_epoch, "marker": fault.marker},
     }
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
@@ -193,10 +206,8 @@ def _persist_locally(checkpoint_dir: Path, run_dir: str, epoch: int) -> ray.trai
     return ray.train.Checkpoint(path=path, filesystem=fs)
 
 
-def _reporter(rank: int, local_run_dir: str | None):
+def _reporter(rank: int, local_run_dir: str | None, fault: dict | None):
     """The loop's report hook: every worker reports each epoch; rank 0 attaches the checkpoint directory."""
-    fail_after = os.environ.get(FAIL_AFTER_EPOCH_ENV)
-    marker = os.environ.get(FAIL_MARKER_ENV)
 
     def report(metrics: dict, checkpoint_dir: Path | None) -> None:
         checkpoint = None
@@ -204,9 +215,9 @@ def _reporter(rank: int, local_run_dir: str | None):
             checkpoint = _persist_locally(checkpoint_dir, local_run_dir, int(metrics["epoch"])) if local_run_dir \
                 else ray.train.Checkpoint.from_directory(str(checkpoint_dir))
         ray.train.report(metrics, checkpoint=checkpoint)
-        if fail_after and marker and int(metrics["epoch"]) == int(fail_after) and not Path(marker).exists():
-            Path(marker).write_text(f"worker {rank} exited after epoch {fail_after}\n")
-            logger.warning("test hook: worker %d exits after epoch %s", rank, fail_after)
+        if fault and rank == 0 and int(metrics["epoch"]) == fault["after_epoch"] and not Path(fault["marker"]).exists():
+            Path(fault["marker"]).write_text(f"worker {rank} exited after epoch {fault['after_epoch']}\n")
+            logger.warning("injected fault: worker %d exits after epoch %d", rank, fault["after_epoch"])
             os._exit(1)
 
     return report
@@ -246,13 +257,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     def score(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         return classification_metrics(labels, softmax(logits), top_k=top_k)
 
-    reporter = _reporter(rank, loop_config["local_run_dir"])
+    reporter = _reporter(rank, loop_config["local_run_dir"], loop_config["fault"])
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        run_fold(model, data, config.train, score, device, reporter, None, is_chief=rank == 0)
+        run_fold(model, data, config.train, score, device, reporter, None, is_chief=rank == 0,
+                 select_best=loop_config["select_best"])
         return
     with checkpoint.as_directory() as resume_dir:
         local = Path(tempfile.mkdtemp(prefix="idengine-resume-"))
         shutil.copytree(resume_dir, local, dirs_exist_ok=True)
     logger.info("rank %d resumes from %s", rank, checkpoint.path)
-    run_fold(model, data, config.train, score, device, reporter, local, is_chief=rank == 0)
+    run_fold(model, data, config.train, score, device, reporter, local, is_chief=rank == 0,
+             select_best=loop_config["select_best"])

@@ -1,0 +1,58 @@
+"""Config loading: YAML + dotted overrides, validation, round trip."""
+
+import pytest
+
+from idengine.config import Config, load_config, save_config, with_values
+
+CONFIGS = ["jobs/configs/tiny-cpu.yaml", "jobs/configs/nt2.5b-1gpu.yaml", "jobs/configs/nt2.5b-cluster.yaml"]
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_shipped_configs_load_and_round_trip(path, tmp_path):
+    config = load_config(path)
+    save_config(config, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == config
+
+
+def test_overrides_are_typed():
+    config = load_config(None, ["train.lr=3e-4", "lora.r=16", "model.trust_remote_code=false",
+                                "lora.target_modules=[query,value]", "data.vectors=null"])
+    assert config.train.lr == pytest.approx(3e-4) and isinstance(config.train.lr, float)
+    assert config.lora.r == 16
+    assert config.lora.target_modules == ("query", "value")
+    assert config.data.vectors is None
+
+
+def test_yaml_exponent_without_dot_is_a_float(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 3e-4\n")
+    assert load_config(tmp_path / "c.yaml").train.lr == pytest.approx(3e-4)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1", "unknown key"),
+    ("trainer.lr=1", "unknown config section"),
+    ("train.lr", "section.key=value"),
+    ("train.lr=abc", "must be a number"),
+    ("train.scheduler=step", "cosine, linear or constant"),
+    ("model.finetune=prefix", "lora, full or head"),
+    ("data.n_folds=1", "at least 2"),
+])
+def test_bad_overrides_are_errors(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [override])
+
+
+def test_search_space_override_and_trial_values():
+    config = load_config(None, ["tune.space.lora.alpha={choice: [8, 32]}"])
+    assert config.tune.space["lora.alpha"] == {"choice": [8, 32]}
+    assert "train.lr" in config.tune.space  # the defaults stay
+    trial = with_values(config, {"train.lr": 1e-3, "lora.r": 4})
+    assert trial.train.lr == 1e-3 and trial.lora.r == 4 and trial.data == config.data
+    with pytest.raises(ValueError, match="unknown config key"):
+        with_values(config, {"train.nope": 1})
+
+
+def test_defaults_point_at_the_real_backbone_and_keep_remote_code_off():
+    config = Config()
+    assert config.model.backbone == "InstaDeepAI/nucleotide-transformer-2.5b-multi-species"
+    assert config.model.trust_remote_code is False
