@@ -3,8 +3,7 @@
 1. Calibration and the species threshold are fitted on the cv run's out-of-fold logits, never on the test split.
 2. The final model trains on every non-test record for the median of the folds' best epochs (no early stopping).
 3. The test split is scored once: metrics before/after calibration, calls with rank fallback, coverage at threshold.
-4. Species set aside by the minimum-count filter (`unknown.parquet`) are open-set queries: how many get a confident
-   species call (over-classification), a right genus, or `unassigned`.
+4. Open set: records of species set aside by the min-count filter (`unknown.parquet`) should not get species calls.
 5. Everything lands in one artifact directory (see export.py) with metrics.json, reliability.png, final_report.md.
 """
 
@@ -35,9 +34,7 @@ log = logging.getLogger(__name__)
 
 RELIABILITY_PNG = "reliability.png"
 REPORT_MD = "final_report.md"
-EXPORT_CHECK_TOLERANCE = 1e-3
-"""Largest |probability difference| between the exported model and the trained one on the test split that passes
-silently; mixed-precision training on a GPU can exceed it, so beyond it only a warning is logged."""
+EXPORT_CHECK_TOLERANCE = 1e-3  # exported vs trained test probabilities; mixed precision may exceed it (a warning)
 
 
 def final_epochs(cv_metrics: dict[str, Any]) -> tuple[int, list[int]]:
@@ -69,17 +66,15 @@ def calibrate_on_oof(config: Config, cv_dir: Path, labels: LabelSpace, test_ids:
     reliability_diagram(softmax(logits), probs, y, png)
     choice = choose_threshold(probs, y, config.calibrate.target_precision)
     report = calibration_report(logits, y, calibrator)
-    log.info("calibration (%s) on %d OOF records: log loss %.4f -> %.4f, ECE %.4f -> %.4f; threshold %.4f",
-             calibrator.method, y.size, report["before"]["log_loss"], report["after"]["log_loss"],
-             report["before"]["ece"], report["after"]["ece"], choice.threshold)
+    log.info("calibration (%s) on %d OOF records: log loss %.4f -> %.4f; threshold %.4f", calibrator.method, y.size,
+             report["before"]["log_loss"], report["after"]["log_loss"], choice.threshold)
     return calibrator, choice, report
 
 
 def train_on_all(config: Config, prepared_dir: Path, labels: LabelSpace, run_name: str):
-    """Train on every non-test record (fold "test" of fit_fold) and rebuild the trained model in this process.
+    """Train on every non-test record (fit_fold's fold "test"), then rebuild the trained model in this process.
 
-    Returns:
-        (FoldRun whose val_* hold the test split's logits, the trained model in eval mode).
+    Returns (FoldRun whose val_* hold the test split's logits, the trained model in eval mode).
     """
     from idengine.data.ray_tokenize import tokenized_table
     from idengine.model import build_model, load_trainable_state
@@ -102,6 +97,17 @@ def read_checkpoint_weights(checkpoint_path: str) -> dict:
         (fs.LocalFileSystem(), checkpoint_path)
     with filesystem.open_input_stream(f"{path.rstrip('/')}/best.safetensors") as stream:
         return load(stream.read())
+
+
+def align_to_test(run, test: pd.DataFrame) -> None:
+    """Put the run's test logits in the order of the test records; RuntimeError when records or labels differ."""
+    ids = np.asarray(run.val_ids).astype(str)
+    if sorted(ids) != sorted(test[C.ID]):
+        raise RuntimeError(f"the final run scored {len(ids)} records, the test split has {len(test)}")
+    order = pd.Series(np.arange(len(ids)), index=ids).loc[test[C.ID]].to_numpy()
+    run.val_ids, run.val_labels, run.val_logits = ids[order], np.asarray(run.val_labels)[order], run.val_logits[order]
+    if not np.array_equal(run.val_labels, test[C.LABEL].to_numpy()):
+        raise RuntimeError("the final run's test labels disagree with records.parquet: re-tokenize the prepared dir")
 
 
 def calls_summary(calls: pd.DataFrame, truth: pd.DataFrame) -> dict[str, Any]:
@@ -142,6 +148,7 @@ def score_test(run, calibrator: Calibrator, labels: LabelSpace, threshold: float
 
 
 def make_calls(probs: np.ndarray, labels: LabelSpace, threshold: float, config: Config) -> pd.DataFrame:
+    """assign_calls with the label space's ranks, deepest first (none when rank fallback is off)."""
     ranks = list(reversed(labels.ranks)) if config.calibrate.rank_fallback else []
     return assign_calls(probs, labels.species, labels.taxonomy_table()[list(labels.ranks)], threshold, ranks=ranks)
 
@@ -225,7 +232,8 @@ def _fractions(calls: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def train_final(config: Config, prepared_dir: str | Path, cv_dir: str | Path, out_dir: str | Path) -> Path:
+def train_final(config: Config, prepared_dir: str | Path, cv_dir: str | Path, out_dir: str | Path,
+                merge: bool = False) -> Path:
     """`idengine train`: calibrate on OOF, train on all non-test data, test once, open-set check, export.
 
     Args:
@@ -233,15 +241,17 @@ def train_final(config: Config, prepared_dir: str | Path, cv_dir: str | Path, ou
         prepared_dir: output of `idengine prepare`.
         cv_dir: output of `idengine cv` with this config on that prepared directory (out-of-fold logits).
         out_dir: the artifact directory; replaced only once everything is written.
+        merge: also export merged/ (the LoRA merged into a full model: gigabytes for the real backbone).
 
     Returns:
-        out_dir as a Path.
+        out_dir as a Path. Raises ValueError for inconsistent inputs (no test split, OOF from other data).
     """
     import ray
 
     from idengine.data.prepare import read_prepared, read_unknown
     from idengine.data.tokenize import load_tokenizer
     from idengine.export import export_artifact, replace_dir, update_artifact_files
+    from idengine.predict import score_logits
 
     prepared_dir, cv_dir, out = Path(prepared_dir), Path(cv_dir), Path(out_dir)
     records, labels = read_prepared(prepared_dir)
@@ -257,10 +267,7 @@ def train_final(config: Config, prepared_dir: str | Path, cv_dir: str | Path, ou
         calibrator, choice, oof_report = calibrate_on_oof(config, cv_dir, labels, set(test[C.ID]), png)
         start = time.time()
         run, model = train_on_all(config, prepared_dir, labels, f"{out.name}-final-{uuid.uuid4().hex[:6]}")
-        if list(run.val_ids) != test[C.ID].tolist():  # align the test logits with the records, whatever the order
-            order = pd.Series(np.arange(len(run.val_ids)), index=run.val_ids).loc[test[C.ID]].to_numpy()
-            run.val_ids, run.val_labels, run.val_logits = (np.asarray(run.val_ids)[order],
-                                                           np.asarray(run.val_labels)[order], run.val_logits[order])
+        align_to_test(run, test)
         tested = score_test(run, calibrator, labels, choice.threshold, config)
         metrics = {"model": f"{config.model.backbone} ({config.model.finetune})",
                    "cv": {"mean": cv_metrics["mean"], "monitor": cv_metrics.get("monitor"), "dir": str(cv_dir)},
@@ -270,16 +277,17 @@ def train_final(config: Config, prepared_dir: str | Path, cv_dir: str | Path, ou
                    "threshold": choice.to_dict()}
         tokenizer = load_tokenizer(config.model.backbone, config.model.revision, config.model.trust_remote_code)
         export_artifact(staging, model, tokenizer, labels, config, calibrator, choice.threshold, metrics,
-                        extra_files={RELIABILITY_PNG: png})
+                        merge=merge, extra_files={RELIABILITY_PNG: png})
     try:
         use_ray = ray.is_initialized()
         metrics["export_check"] = check_export(staging, run, calibrator, test[C.SEQUENCE].tolist(), config, use_ray)
         unknown = read_unknown(prepared_dir)
-        unknown_probs = calibrator.apply(score_logits_or_empty(staging, unknown, labels, config, use_ray))
+        unknown_probs = calibrator.apply(score_logits(staging, unknown[C.SEQUENCE].tolist(), config.predict, use_ray)
+                                         if len(unknown) else np.zeros((0, labels.num_classes)))
         probs = tested.pop("probs")
         metrics["test"] = tested
         metrics["open_set"] = score_open_set(unknown, unknown_probs, labels, choice.threshold, config, probs,
-                                             np.asarray(run.val_labels, dtype=np.int64))
+                                             run.val_labels)
         update_artifact_files(staging, {"metrics.json": metrics, REPORT_MD: report_markdown(metrics)})
         replace_dir(staging, out)
     except BaseException:
@@ -288,13 +296,3 @@ def train_final(config: Config, prepared_dir: str | Path, cv_dir: str | Path, ou
     log.info("final model: test top1 %.4f, over-classification of unknown species %.3f -> %s",
              tested["after_calibration"]["top1_acc"], metrics["open_set"]["unknown"]["over_classification_rate"], out)
     return out
-
-
-def score_logits_or_empty(model_dir: Path, unknown: pd.DataFrame, labels: LabelSpace, config: Config,
-                          use_ray: bool) -> np.ndarray:
-    """Logits of the open-set records with the exported model ((0, C) when the filter set nothing aside)."""
-    from idengine.predict import score_logits
-
-    if unknown.empty:
-        return np.zeros((0, labels.num_classes), dtype=np.float32)
-    return score_logits(model_dir, unknown[C.SEQUENCE].tolist(), config.predict, use_ray)
