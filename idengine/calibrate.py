@@ -289,7 +289,8 @@ def assign_calls(probs: np.ndarray, species_names: Sequence[str], rank_table: pd
 
     At each rank, from the deepest up, probabilities are summed over the labels sharing a taxon (a sparse
     matrix product, so millions of rows stay fast); the first rank whose best taxon reaches the threshold gives
-    the call. Otherwise the record is `unassigned` with its top species probability as confidence.
+    the call. Otherwise the record is `unassigned` with its top species probability as confidence. A rank at which
+    every label shares one taxon is skipped: its sum is always 1, so it carries no evidence about the query.
 
     Args:
         probs: (n, C) calibrated probabilities.
@@ -321,11 +322,14 @@ def assign_calls(probs: np.ndarray, species_names: Sequence[str], rank_table: pd
     for rank_name in ranks:
         idx = np.flatnonzero(pending)
         names, matrix = _rank_index(table, rank_name, n_labels)
-        if idx.size == 0 or names.size == 0:
+        # A rank where every label shares one taxon (e.g. class in a fish-only reference) always sums to 1: a call
+        # there says what the reference holds, not what the model saw, and would leave nothing unassigned.
+        if idx.size == 0 or names.size == 0 or (names.size == 1 and matrix.sum() == n_labels):
             continue
         sums = p[idx] @ matrix
         best = sums.argmax(axis=1)
-        best_sum = sums[np.arange(idx.size), best]
+        # Clip: summed float probabilities can exceed 1 by rounding and pass an unreachable threshold (1 + eps).
+        best_sum = np.minimum(sums[np.arange(idx.size), best], 1.0)
         hit = best_sum >= threshold
         call[idx[hit]], rank[idx[hit]], confidence[idx[hit]] = names[best[hit]], rank_name, best_sum[hit]
         pending[idx[hit]] = False

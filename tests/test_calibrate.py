@@ -208,3 +208,22 @@ def test_open_set_report_hand_counts():
                                "top1_acc": pytest.approx(2 / 3)}
     with pytest.raises(ValueError, match="threshold"):
         calibrate.open_set_report(unknown, 0.4, calls)
+
+
+def test_rank_shared_by_every_label_is_never_called_and_unreachable_threshold_calls_nothing():
+    import pandas as pd
+
+    from idengine.calibrate import NEVER_CALL, assign_calls
+
+    table = pd.DataFrame({"class": ["Fish"] * 3, "genus": ["A", "A", "B"]}, index=[0, 1, 2])
+    probs = np.array([[0.4, 0.3, 0.3], [0.2, 0.2, 0.6]])
+    calls = assign_calls(probs, ["A a", "A b", "B c"], table, threshold=0.8)
+    # Genus A sums to 0.7 < 0.8; class Fish sums to 1 for every record but tells nothing: unassigned.
+    assert list(calls["rank"]) == ["unassigned", "unassigned"]
+    # Probabilities whose float sum exceeds 1 by rounding never pass an unreachable threshold.
+    probs = np.array([[0.2577675591950033, 0.1451673785973518, 0.26803722216649567, 0.15240245939979846,
+                       0.17662538064135083, 0.0]])
+    assert (probs[:, :5].sum(axis=1) @ np.ones(1)) >= 1.0
+    table2 = pd.DataFrame({"genus": ["A"] * 5 + ["B"]}, index=range(6))
+    calls = assign_calls(probs, [f"s{i}" for i in range(6)], table2, NEVER_CALL)
+    assert calls["rank"][0] == "unassigned"
