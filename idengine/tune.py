@@ -58,16 +58,23 @@ def trial_resources(config: Config) -> dict[str, float]:
             "GPU": float(t.num_workers) if t.use_gpu else 0.0}
 
 
+# Ray Data's tasks inside a trial (building a fold's datasets, tokenizing) need a whole CPU of their own: when the
+# trials hold every CPU they wait forever (seen here with 2 trials on 2 CPUs; FACTS, ray #24259).
+DATA_CPU_RESERVE = 1.0
+
+
 def max_concurrent_trials(config: Config, cluster: dict[str, float]) -> int:
-    """Trials that fit side by side, so that no trial waits forever for a worker another trial holds (ray #24259)."""
+    """Trials that fit side by side while one CPU stays free for Ray Data, so no trial waits on another forever."""
     if config.tune.max_concurrent_trials > 0:
         return config.tune.max_concurrent_trials
     need = trial_resources(config)
-    fits = [math.floor(cluster.get(kind, 0.0) / amount + 1e-9) for kind, amount in need.items() if amount > 0]
+    free = {**cluster, "CPU": cluster.get("CPU", 0.0) - DATA_CPU_RESERVE}
+    fits = [math.floor(free.get(kind, 0.0) / amount + 1e-9) for kind, amount in need.items() if amount > 0]
     n = min(fits) if fits else 1
     if n < 1:
-        raise ValueError(f"one trial needs {need} but the cluster has {cluster}: lower train.num_workers or "
-                         "train.cpus_per_worker, or add nodes")
+        raise ValueError(f"one trial needs {need} plus {DATA_CPU_RESERVE} CPU for Ray Data, but the cluster has "
+                         f"{cluster}: lower train.num_workers, train.cpus_per_worker or tune.cpus_per_trial, or add "
+                         "nodes")
     return n
 
 
