@@ -49,11 +49,19 @@ def search_space(space: dict[str, Any]) -> dict[str, Any]:
     return domains
 
 
+def tunable(config: Config) -> Config:
+    """The config trials run: Ray Train refuses its API inside a Tune session in local mode (num_workers=0), so
+    trials then train with one worker actor of at most half a CPU."""
+    if config.train.num_workers > 0:
+        return config
+    logger.info("tune: train.num_workers=0 (local mode) cannot run inside a Tune trial; trials use 1 worker")
+    return with_values(config, {"train.num_workers": 1,
+                                "train.cpus_per_worker": min(config.train.cpus_per_worker, 0.5)})
+
+
 def trial_resources(config: Config) -> dict[str, float]:
-    """What one trial holds at once: its driver plus its fold trainer's workers (local mode trains in the driver)."""
-    t = config.train
-    if t.num_workers == 0:
-        return {"CPU": max(config.tune.cpus_per_trial, 1.0), "GPU": 1.0 if t.use_gpu else 0.0}
+    """What one trial holds at once: its driver plus its fold trainer's workers."""
+    t = tunable(config).train
     return {"CPU": config.tune.cpus_per_trial + t.num_workers * t.cpus_per_worker,
             "GPU": float(t.num_workers) if t.use_gpu else 0.0}
 
@@ -109,6 +117,7 @@ def run_tune(config: Config, prepared_dir: str | Path, out_dir: str | Path, resu
     """
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    config = tunable(config)
     monitor = config.tune.metric
     metric = f"mean_{monitor}"
     from idengine.data.prepare import read_prepared

@@ -80,11 +80,15 @@ def fold_datasets(train: pa.Table, val: pa.Table, config: Config) -> dict[str, r
     sample = rng.choice(train.num_rows, size=min(config.train.train_eval_size, train.num_rows), replace=False)
     columns = [C.INPUT_IDS, C.LABEL]
     n_blocks = max(1, min(64, train.num_rows // 256))
-    return {
+    datasets = {
         "train": ray.data.from_arrow(train.select(columns)).repartition(n_blocks).materialize(),
         "val": ray.data.from_arrow(val.select(columns)).materialize(),
         "train_eval": ray.data.from_arrow(train.take(pa.array(np.sort(sample))).select(columns)).materialize(),
     }
+    for ds in datasets.values():
+        # Each epoch iterates these three times; the loop's per-epoch log line is the progress report instead.
+        ds.context.enable_progress_bars = False
+    return datasets
 
 
 def scaling_config(config: Config) -> ScalingConfig:
