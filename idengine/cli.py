@@ -39,7 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="load, clean, split and report a labelled barcode set")
     _add_common(p)
-    _add_ray(p)
     p = sub.add_parser("cv", help="cross-validate one config over the prepared folds")
     p.add_argument("--prepared", required=True, help="output directory of `idengine prepare`")
     _add_common(p)
@@ -52,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the final model, calibrate it, test it once and export it")
     p.add_argument("--prepared", required=True)
     p.add_argument("--cv", required=True, help="output directory of `idengine cv` (out-of-fold logits)")
+    p.add_argument("--merge", action="store_true", help="also export a merged full model (gigabytes for 2.5B)")
     _add_common(p)
     _add_ray(p)
     p = sub.add_parser("predict", help="identify the sequences of a FASTA with an exported model")
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="turn a prepare/cv/tune/train directory into one HTML page")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="HTML file (default RUN_DIR/report.html)")
+    p.add_argument("--label-map", default=None, help="label_map.json to name species (default: found near RUN_DIR)")
     return parser
 
 
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> Path:
     if args.command == "report":
         from idengine.report import write_report
 
-        return write_report(args.run_dir, args.out)
+        return write_report(args.run_dir, args.out, label_map=args.label_map)
     config = load_config(args.config, args.overrides)
     if args.command == "prepare":
         from idengine.data.prepare import prepare_dataset
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> Path:
     if args.command == "train":
         from idengine.final import train_final
 
-        return train_final(config, args.prepared, args.cv, args.out)
+        return train_final(config, args.prepared, args.cv, args.out, merge=args.merge)
     if args.command == "predict":
         from idengine.predict import predict_file
 
@@ -119,10 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         out = run(args)
-    except InputError as err:
-        logger.error("%s", err)
-        return 2
-    except (ValueError, FileNotFoundError) as err:
+    except (InputError, ValueError, FileNotFoundError) as err:
         logger.error("%s", err)
         return 2
     logger.info("%s: outputs in %s", args.command, out)
