@@ -7,7 +7,6 @@ train-vs-validation gap, early stopping, and checkpoints that hold only the trai
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -15,25 +14,24 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from idengine.columns import INPUT_IDS, LABEL
 from idengine.config import TrainConfig
 from idengine.data.tokenize import PAD_ID, collate
 from idengine.model import load_trainable_state, trainable_state_dict, unwrap
+from idengine.train.checkpoint import CHECKPOINT_FILES, FoldState, load_checkpoint, save_checkpoint  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
-CHECKPOINT_FILES = ("trainable.safetensors", "best.safetensors", "best_val_logits.npy", "optimizer.pt", "state.json")
 MAX_GRAD_NORM = 1.0
 _SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
@@ -52,17 +50,6 @@ class FoldData:
     """Micro-batches per epoch on this worker; the loop takes at most this many (DDP needs equal counts)."""
     class_weights: torch.Tensor | None
     """Cross-entropy weight per class, or None."""
-
-
-@dataclass
-class FoldState:
-    """JSON-serialisable progress of a fold; epochs are counted from 1 (`best_epoch` -1: none yet)."""
-
-    epoch: int = 0
-    best_score: float = -math.inf
-    best_epoch: int = -1
-    epochs_since_best: int = 0
-    history: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -225,50 +212,6 @@ def predict_logits(
     if not logits:
         return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
     return np.concatenate(logits), np.concatenate(labels).astype(np.int64)
-
-
-def save_checkpoint(
-    directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, state: FoldState,
-    best_state: dict[str, torch.Tensor], best_val_logits: np.ndarray, scaler: torch.amp.GradScaler | None = None,
-) -> Path:
-    """Write a resumable fold checkpoint holding only trainable parameters (never the base model).
-
-    Files: trainable.safetensors (latest), best.safetensors (best epoch), best_val_logits.npy,
-    optimizer.pt (optimizer, scheduler and fp16 scaler state), state.json (FoldState).
-    """
-    (out := Path(directory)).mkdir(parents=True, exist_ok=True)
-    save_file(trainable_state_dict(model), str(out / "trainable.safetensors"))
-    save_file({k: v.contiguous() for k, v in best_state.items()}, str(out / "best.safetensors"))
-    np.save(out / "best_val_logits.npy", np.asarray(best_val_logits, dtype=np.float32), allow_pickle=False)
-    scaler_state = scaler.state_dict() if scaler is not None else None
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler_state},
-               out / "optimizer.pt")
-    (out / "state.json").write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
-    return out
-
-
-def load_checkpoint(
-    directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-    scaler: torch.amp.GradScaler | None = None,
-) -> tuple[FoldState, dict[str, torch.Tensor], np.ndarray]:
-    """Restore a `save_checkpoint` directory into a model/optimizer/scheduler built the same way.
-
-    Returns (state, best_state, best_val_logits); raises FileNotFoundError when a checkpoint file is missing.
-    """
-    src = Path(directory)
-    missing = [name for name in CHECKPOINT_FILES if not (src / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"fold checkpoint {src} lacks {missing}; it was not written by save_checkpoint")
-    load_trainable_state(model, load_file(str(src / "trainable.safetensors")))
-    best_state = load_file(str(src / "best.safetensors"))
-    best_val_logits = np.load(src / "best_val_logits.npy", allow_pickle=False)
-    saved = torch.load(src / "optimizer.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    if scaler is not None and saved["scaler"] is not None:
-        scaler.load_state_dict(saved["scaler"])
-    state = FoldState(**json.loads((src / "state.json").read_text(encoding="utf-8")))
-    return state, best_state, best_val_logits
 
 
 def _score_epoch(model, data: FoldData, cfg: TrainConfig, score, device, autocast_dtype):
