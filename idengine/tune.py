@@ -131,7 +131,9 @@ def run_tune(config: Config, prepared_dir: str | Path, out_dir: str | Path, resu
     n_folds = records["fold"].nunique() - int((records["fold"] == "test").any())
     trainable = tune.with_parameters(_trial, base=config_to_dict(config), prepared_dir=str(Path(prepared_dir).resolve()),
                                      out_dir=str(out_dir))
-    trainable = tune.with_resources(trainable, trial_resources(config))
+    # The trial actor holds only its driver's share: the fold trainer reserves its workers in its own placement group
+    # (trial_resources, the sum of both, only decides how many trials run side by side).
+    trainable = tune.with_resources(trainable, {"CPU": config.tune.cpus_per_trial})
     storage = storage_uri(config.train.storage_path)
     experiment = f"{storage.rstrip('/')}/{config.tune.name}"
     if resume and tune.Tuner.can_restore(experiment):
@@ -177,11 +179,11 @@ def _write_outputs(grid, config: Config, out_dir: Path, metric: str, n_folds: in
         rows.append(row)
     table = pd.DataFrame(rows).sort_values(["folds_done", metric], ascending=False, na_position="last")
     table.to_csv(out_dir / TRIALS_CSV, index=False)
-    (out_dir / TRIALS_MD).write_text(table.to_markdown(index=False) if _has_tabulate() else table.to_string())
+    (out_dir / TRIALS_MD).write_text(_markdown(table))
     best = grid.get_best_result(metric=metric, mode="max", scope="last")
     # Only trials that ran every fold compete for "best": a stopped trial's running mean covers fewer folds.
     complete = table[table["status"] == "COMPLETE"]
-    sample = {k[len("config/"):]: v for k, v in complete.iloc[0].items() if k.startswith("config/")} \
+    sample = {k[len("config/"):]: _plain(v) for k, v in complete.iloc[0].items() if k.startswith("config/")} \
         if len(complete) else dict(best.config)
     best_config = with_values(config, sample)
     save_config(best_config, out_dir / BEST_CONFIG)
@@ -192,9 +194,13 @@ def _write_outputs(grid, config: Config, out_dir: Path, metric: str, n_folds: in
     return out_dir
 
 
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _plain(value: Any) -> Any:
+    """numpy scalars from the trials table -> Python values (YAML and the config loader need them)."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    """A Markdown table of the trials (floats to 4 decimals)."""
+    cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row] for row in table.itertuples(index=False)]
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells]) + "\n"

@@ -239,7 +239,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.train.seed)
-    model = build_model(config.model, config.lora, loop_config["num_classes"], loop_config["id2label"])
+    model = build_model(config.model, config.lora, loop_config["num_classes"], loop_config["id2label"],
+                        seed=config.train.seed)
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     pad_id = load_tokenizer(config.model.backbone, revision=config.model.revision,
