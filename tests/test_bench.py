@@ -1,0 +1,112 @@
+"""bench/run_bench.py end to end on the bundled example: table and JSON hold every column and the cv numbers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import peers  # noqa: E402
+import run_bench  # noqa: E402
+
+HEADER = ["model", "top-1", "macro F1", "top-5", "macro PR-AUC", "log loss", "ECE", "open set: overclassified",
+          "train s/fold", "classify seqs/s", "peak MiB"]
+
+
+def run_cli(tmp: Path, models: list[str], folds_file: Path | None = None, timeout: int = 300) -> dict:
+    """bench/run_bench.py on examples/12s-fish-mini through its real command line; the table, JSON and work dir."""
+    out, work = tmp / "mini.md", tmp / "work"
+    cmd = [sys.executable, str(REPO / "bench" / "run_bench.py"), "--data", str(REPO / "examples" / "12s-fish-mini"),
+           "--models", *models, "--out", str(out), "--work", str(work), "--peer-queries-per-fold", "20"]
+    cmd += ["--folds-file", str(folds_file)] if folds_file else []
+    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=timeout)
+    return {"md": out.read_text(), "json": json.loads(out.with_suffix(".json").read_text()), "work": work}
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """kmer-nb on examples/12s-fish-mini with a fold file, no peers."""
+    tmp = tmp_path_factory.mktemp("bench")
+    work = tmp / "work"
+    # A fold file: the example's computed folds, written as id,fold (what protocol-folds.csv is for 12s-fish).
+    from idengine.config import load_config
+    from idengine.data.prepare import build_prepared
+
+    config = load_config(run_bench.BASE_CONFIG, ["data.test_fraction=0"])
+    records = build_prepared(config)["records"]
+    folds_file = tmp / "folds.csv"
+    records[["id", "species", "fold"]].to_csv(folds_file, index=False)
+    return {**run_cli(tmp, ["kmer-nb"], folds_file), "records": records}
+
+
+def test_table_has_every_column_and_row(bench_run):
+    lines = bench_run["md"].splitlines()
+    header = next(line for line in lines if line.startswith("| model"))
+    assert [c.strip() for c in header.strip("|").split("|")] == HEADER
+    body = [line for line in lines if line.startswith("| ") and not line.startswith("| model")]
+    assert [line.split("|")[1].strip() for line in body] == ["kmer-nb"]
+    assert all(len(line.strip("|").split("|")) == len(HEADER) for line in body)
+    for key in ("Machine:", "cores", "GiB RAM", "idengine commit", "folds from file"):
+        assert key in bench_run["md"]
+
+
+def test_numbers_equal_cv_metrics(bench_run):
+    row = next(r for r in bench_run["json"]["rows"] if r["name"] == "kmer-nb")
+    cv = json.loads((bench_run["work"] / "cv" / "kmer-nb" / "metrics.json").read_text())
+    for key, _ in run_bench.METRIC_COLUMNS:
+        assert row["metrics"][key] == cv["mean"][key]
+    line = next(line for line in bench_run["md"].splitlines() if line.startswith("| kmer-nb"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1] == f"{cv['mean']['top1_acc']['mean']:.3f} ± {cv['mean']['top1_acc']['sd']:.3f}"
+    assert cells[4] == f"{cv['mean']['pr_auc_macro']['mean']:.3f} ± {cv['mean']['pr_auc_macro']['sd']:.3f}"
+    assert row["train_s_per_fold"]["mean"] >= 0 and row["peak_mib"] > 50 and row["classify_seqs_per_s"] > 0
+    assert 0.0 <= row["open_set"]["overclassified"] <= 1.0
+    assert row["open_set"]["n"] == bench_run["json"]["dataset"]["unknown"]
+
+
+def test_folds_come_from_the_file(bench_run):
+    from idengine.data.prepare import read_prepared
+
+    records, _ = read_prepared(bench_run["work"] / "prepared")
+    given = dict(zip(bench_run["records"]["id"], bench_run["records"]["fold"].astype(str)))
+    assert (records["fold"] == records["id"].map(given)).all()
+    assert "test" not in set(records["fold"])
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(any(peers.missing_binaries(p) for p in peers.PEERS), reason="BLAST+/VSEARCH not installed")
+def test_peers_scored_on_the_same_folds(tmp_path):
+    """With the tools installed: every peer row is measured on 20 queries per fold (slow on a loaded machine)."""
+    run = run_cli(tmp_path, list(peers.PEERS), timeout=900)
+    rows = {r["name"]: r for r in run["json"]["rows"]}
+    for peer in peers.PEERS:
+        assert rows[peer]["status"] == "ok" and 0.0 <= rows[peer]["metrics"]["top1_acc"]["mean"] <= 1.0
+        assert rows[peer]["metrics"]["n"]["mean"] == 20 and 0.0 <= rows[peer]["open_set"]["overclassified"] <= 1.0
+    assert "top5_acc" in rows["vsearch"]["metrics"] and "ece" in rows["sintax"]["metrics"]
+
+
+def test_peer_row_skipped_without_binaries(tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    rows = peers.run_peers(list(peers.PEERS), tmp_path / "absent-prepared", tmp_path, 10, 1, 0)
+    assert [(r["name"], r["status"]) for r in rows] == [(p, "skipped") for p in peers.PEERS]
+    assert all("not installed" in r["note"] for r in rows)
+    assert all("| skipped |" in run_bench.table_row(r) for r in rows)
+
+
+def test_top_label_ece_matches_idengine():
+    import numpy as np
+
+    from idengine.metrics import expected_calibration_error
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(4), size=200)
+    y = rng.integers(0, 4, size=200)
+    ours = peers.top_label_ece(probs.max(axis=1), probs.argmax(axis=1) == y)
+    assert ours == pytest.approx(expected_calibration_error(y, probs), abs=1e-12)
