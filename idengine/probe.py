@@ -1,0 +1,452 @@
+"""Step 10b, probe: frozen-backbone embeddings computed once (Ray Data, cached) + a linear or small MLP head on them.
+
+The lightweight path and a cheap tuning surrogate: `embed_table` runs the frozen backbone over the cached token table
+with Ray Data actors and stores one pooled vector per record under `<prepared>/embeddings/<key>/`; `fit_probe` trains
+a head on those vectors in seconds; `probe_fold_fn` plugs the pair into `cv.run_cv` beside the baselines.
+Pooling `mean` averages the last hidden states over the sequence's tokens (padding AND the CLS token excluded);
+`cls` takes the CLS token's state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from idengine import columns as C
+from idengine.config import TINY_BACKBONE, Config, ModelConfig, config_from_dict, config_to_dict
+
+log = logging.getLogger(__name__)
+
+EMBEDDING = "embedding"
+EMBEDDINGS_DIR = "embeddings"
+POOLINGS = ("mean", "cls")
+PROBE_KINDS = ("linear", "mlp")
+CACHE_VERSION = 1  # bump when the embedding computation changes, so old caches are not read
+ROWS_PER_CALL = 512
+"""Records per Ray Data block / actor call; each call runs forwards of `predict.batch_size` length-sorted rows."""
+_DONE = "_COMPLETE.json"
+
+LINEAR_C = 1.0
+"""Inverse L2 strength of the linear probe, as scikit-learn's C (its default)."""
+LBFGS_MAX_ITER = 500
+MLP_HIDDEN, MLP_DROPOUT, MLP_LR, MLP_WEIGHT_DECAY = 512, 0.2, 1e-3, 1e-2
+BATCH_ROWS, MAX_EPOCHS, PATIENCE = 256, 300, 20
+"""mlp: epochs without a better held-out score before it stops (the best epoch's weights are kept)."""
+HOLDOUT_FRACTION, MIN_ROWS_FOR_HOLDOUT = 0.1, 40
+NO_HOLDOUT_EPOCHS = 50
+"""mlp: epochs trained when the fold is too small to hold anything out."""
+
+
+def probe_settings(model_cfg: ModelConfig) -> tuple[str, str]:
+    """(head kind, pooling) of the config: `model.probe_head` (linear) and `model.pooling` (mean) when present."""
+    kind, pooling = getattr(model_cfg, "probe_head", "linear"), getattr(model_cfg, "pooling", "mean")
+    if kind not in PROBE_KINDS or pooling not in POOLINGS:
+        raise ValueError(f"probe head must be one of {PROBE_KINDS} and pooling one of {POOLINGS}, "
+                         f"not {kind!r} / {pooling!r}")
+    return kind, pooling
+
+
+def load_backbone(model_cfg: ModelConfig) -> nn.Module:
+    """The backbone without any head (an EsmModel for NT checkpoints), frozen, in eval mode, fp32 on the CPU.
+
+    Args:
+        model_cfg: backbone (`tiny`, a hub id or a local checkpoint dir), revision, trust_remote_code.
+    """
+    from idengine.model import PICKLE_TRUSTED_BACKBONES, _tiny_masked_lm
+
+    if model_cfg.backbone == TINY_BACKBONE:
+        model = _tiny_masked_lm().esm  # the same TINY_SEED weights build_model starts from
+    else:
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(
+            model_cfg.backbone, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
+            use_safetensors=model_cfg.backbone not in PICKLE_TRUSTED_BACKBONES, dtype=torch.float32,
+            add_pooling_layer=False,  # ESM's pooler is untrained in NT checkpoints; we pool ourselves
+        )
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """(B, L, H) last hidden states -> (B, H): mean over real tokens after CLS (position 0), or the CLS state."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.clone()
+    mask[:, 0] = 0  # masked-LM pre-training gives CLS no summary task; NT issue #33 finds the two about equal
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def embed_token_ids(model: nn.Module, rows: Sequence[np.ndarray], batch_size: int, pooling: str = "mean",
+                    device: torch.device | None = None, autocast_dtype: torch.dtype | None = None) -> np.ndarray:
+    """Pooled embeddings of unpadded token-id rows (CLS first), batched by length so little padding is computed.
+
+    Args:
+        model: a backbone from load_backbone, already on `device` (the CPU when None).
+        rows: token ids per record (e.g. the token table's `input_ids`); batch_size: rows per forward pass.
+        pooling: `mean` or `cls`; autocast_dtype: bf16/fp16 autocast on a GPU, or None for fp32.
+
+    Returns:
+        (len(rows), hidden) float32, in the order of `rows`.
+    """
+    from idengine.data.tokenize import PAD_ID, collate
+
+    device = device or torch.device("cpu")
+    pad_id = getattr(model.config, "pad_token_id", None)
+    order = np.argsort([-len(r) for r in rows], kind="stable")
+    out = np.empty((len(rows), model.config.hidden_size), dtype=np.float32)
+    for start in range(0, len(rows), batch_size):
+        idx = order[start:start + batch_size]
+        batch = collate({C.INPUT_IDS: [rows[i] for i in idx]}, pad_id=PAD_ID if pad_id is None else pad_id)
+        mask = batch["attention_mask"].to(device)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype,
+                                                    enabled=autocast_dtype is not None):
+            hidden = model(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state
+        out[idx] = pool_hidden(hidden.float(), mask, pooling).cpu().numpy()
+    return out
+
+
+class EmbedBatch:
+    """Ray Data callable: loads the frozen backbone once per actor, then embeds batches of token ids."""
+
+    def __init__(self, config: dict, pooling: str, threads: int) -> None:
+        from idengine.train.loop import autocast_dtype_for
+
+        cfg = config_from_dict(config)
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_backbone(cfg.model).to(self.device)
+        self.autocast_dtype = autocast_dtype_for(cfg.train, self.device)
+        self.batch_size, self.pooling = cfg.predict.batch_size, pooling
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        vectors = embed_token_ids(self.model, list(batch[C.INPUT_IDS]), self.batch_size, self.pooling,
+                                  self.device, self.autocast_dtype)
+        flat = pa.array(vectors.ravel(), type=pa.float32())
+        return pa.table({C.ID: pa.array(batch[C.ID], type=pa.string()),
+                         EMBEDDING: pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])})
+
+
+def embedding_cache_key(prepared_dir: str | Path, config: Config, use_gpu: bool) -> str:
+    """Hash of the token cache key, the backbone (the tiny config and seed, a local dir's file sizes and times, or a
+    hub id), its revision, the pooling and the numeric precision."""
+    from idengine.data.ray_tokenize import cache_key
+    from idengine.model import TINY_SEED, tiny_config
+
+    m, path = config.model, Path(config.model.backbone)
+    if m.backbone == TINY_BACKBONE:
+        weights = f"tiny:{TINY_SEED}:{tiny_config().to_json_string()}"
+    elif path.is_dir():
+        weights = str(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file()))
+    else:
+        weights = f"hub:{m.backbone}"
+        if m.revision is None:
+            log.warning("backbone %s has no pinned revision: its embedding cache cannot see a new upload", m.backbone)
+    precision = f"gpu-{config.train.precision}" if use_gpu else "cpu-fp32"
+    parts = [cache_key(Path(prepared_dir) / C.RECORDS_FILE, config),
+             m.backbone, weights, str(m.revision), probe_settings(m)[1], precision, str(CACHE_VERSION)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def embed_table(prepared_dir: str | Path, config: Config) -> pa.Table:
+    """Pooled frozen-backbone embeddings of every record of a prepared directory, from the cache or computed now.
+
+    Args:
+        prepared_dir: output of `idengine prepare`.
+        config: backbone, revision, max_tokens (through the token table), pooling, precision, predict.batch_size.
+
+    Returns:
+        Columns id, label, fold, embedding (fixed_size_list<float32>[hidden]), in the order of records.parquet.
+    """
+    import ray
+
+    from idengine.data.ray_tokenize import tokenized_table
+
+    prepared_dir = Path(prepared_dir)
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if ray.is_initialized() else torch.cuda.is_available()
+    cache_dir = prepared_dir / EMBEDDINGS_DIR / embedding_cache_key(prepared_dir, config, use_gpu)
+    if (cache_dir / _DONE).exists():
+        log.info("embedding cache hit: %s", cache_dir)
+        return pq.read_table(cache_dir / "embeddings.parquet")
+    tokens = tokenized_table(prepared_dir, config)
+    start = time.time()
+    vectors = _embed_with_ray(tokens, config)
+    seconds = time.time() - start
+    table = pa.table({C.ID: tokens.column(C.ID), C.LABEL: tokens.column(C.LABEL), C.FOLD: tokens.column(C.FOLD),
+                      EMBEDDING: vectors})
+    meta = {"rows": table.num_rows, "dim": vectors.type.list_size, "backbone": config.model.backbone,
+            "revision": config.model.revision, "pooling": probe_settings(config.model)[1], "gpu": use_gpu,
+            "seconds": round(seconds, 2), "seqs_per_s": round(table.num_rows / max(seconds, 1e-9), 1)}
+    _write_cache(table, cache_dir, meta)
+    log.info("embedded %d records with %s in %.1f s (%.0f seqs/s, Ray start-up included) -> %s",
+             table.num_rows, config.model.backbone, seconds, meta["seqs_per_s"], cache_dir)
+    return table
+
+
+def _embed_with_ray(tokens: pa.Table, config: Config) -> pa.FixedSizeListArray:
+    """Run EmbedBatch over length-sorted blocks of the token table; vectors come back in the token table's order."""
+    import ray
+
+    resources = ray.cluster_resources()  # one actor per GPU, else one per two CPUs running 2 torch threads
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    actors, use_gpu, threads = (gpus, True, 0) if gpus else (max(1, cpus // 2), False, 2)
+    by_length = tokens.select([C.ID, C.INPUT_IDS]).take(
+        pa.array(np.argsort(-np.asarray(tokens.column(C.N_TOKENS)), kind="stable")))
+    blocks = [by_length.slice(i, ROWS_PER_CALL) for i in range(0, by_length.num_rows, ROWS_PER_CALL)]
+    log.info("embedding %d records on %d actor(s)%s", tokens.num_rows, actors, " with 1 GPU each" if use_gpu else "")
+    ds = ray.data.from_arrow(blocks).map_batches(
+        EmbedBatch,
+        fn_constructor_kwargs={"config": config_to_dict(config), "pooling": probe_settings(config.model)[1],
+                               "threads": threads},
+        batch_size=ROWS_PER_CALL,
+        batch_format="numpy",
+        concurrency=actors,
+        num_cpus=1,
+        num_gpus=1 if use_gpu else None,
+    )
+    done = pa.concat_tables(list(ds.iter_batches(batch_format="pyarrow", batch_size=None)))
+    position = pd.Index(done.column(C.ID).to_pylist()).get_indexer(tokens.column(C.ID).to_pylist())
+    if (position < 0).any() or done.num_rows != tokens.num_rows:
+        raise RuntimeError(f"embedding returned {done.num_rows} rows for {tokens.num_rows} records")
+    return done.column(EMBEDDING).combine_chunks().take(pa.array(position))
+
+
+def _write_cache(table: pa.Table, cache_dir: Path, meta: dict) -> None:
+    tmp = cache_dir.with_name(f".{cache_dir.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir(parents=True)
+    pq.write_table(table, tmp / "embeddings.parquet")
+    (tmp / _DONE).write_text(json.dumps(meta, indent=1))
+    if (cache_dir / _DONE).exists():  # another process finished the same cache first: keep theirs
+        shutil.rmtree(tmp)
+        return
+    if cache_dir.exists():
+        shutil.rmtree(cache_dir)
+    os.replace(tmp, cache_dir)
+
+
+def embedding_matrix(table: pa.Table) -> np.ndarray:
+    """The embedding column of an embed_table result as an (n, hidden) float32 array."""
+    column = table.column(EMBEDDING).combine_chunks()
+    return np.asarray(column.flatten(), dtype=np.float32).reshape(table.num_rows, column.type.list_size)
+
+
+@dataclass
+class Probe:
+    """A fitted head as plain arrays: standardise, then Linear (+ ReLU + Linear for `mlp`), over present classes."""
+
+    kind: str
+    num_classes: int
+    mean: np.ndarray
+    scale: np.ndarray
+    layers: list[tuple[np.ndarray, np.ndarray]]
+    """(weight (out, in), bias (out,)) per Linear layer; the last one scores the present classes."""
+    present: np.ndarray
+    """(num_classes,) bool: the class had training records."""
+    iterations: int = 0
+    """L-BFGS iterations (linear) or the kept epoch (mlp)."""
+    history: list[float] = field(default_factory=list)
+    """mlp: held-out loss per epoch (empty when nothing was held out)."""
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """(n, num_classes) float32 log-probabilities; classes absent from training sit far below every other."""
+        from idengine.baselines import _log_probs_all_classes
+
+        h = (np.asarray(x, dtype=np.float32) - self.mean) / self.scale
+        for i, (weight, bias) in enumerate(self.layers):
+            h = h @ weight.T + bias
+            if i < len(self.layers) - 1:
+                h = np.maximum(h, 0.0)
+        scores = np.zeros((h.shape[0], self.num_classes), dtype=np.float64)
+        scores[:, self.present] = h
+        return _log_probs_all_classes(scores, self.present).astype(np.float32)
+
+
+def _fit_linear(x: torch.Tensor, y: torch.Tensor, k: int) -> tuple[nn.Linear, int]:
+    """scikit-learn's multinomial LogisticRegression objective (mean cross-entropy + |W|^2 / (2 C n), bias free),
+    minimised by full-batch L-BFGS in torch so it runs on the GPU: lbfgs in scikit-learn took 25 s per iteration
+    at the real scale (10k x 2560 x 1,400 classes) on 2 loaded cores."""
+    net = nn.Linear(x.shape[1], k).to(x.device)
+    nn.init.zeros_(net.weight)
+    nn.init.zeros_(net.bias)
+    l2 = 1.0 / (LINEAR_C * len(y))
+    optimizer = torch.optim.LBFGS(net.parameters(), lr=1.0, max_iter=LBFGS_MAX_ITER, history_size=20,
+                                  tolerance_grad=1e-6, tolerance_change=1e-10, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(net(x), y) + 0.5 * l2 * net.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return net, int(optimizer.state[net.weight].get("n_iter", 0))
+
+
+def _holdout_mask(y: np.ndarray, groups: np.ndarray, seed: int) -> np.ndarray:
+    """About HOLDOUT_FRACTION of the rows for early stopping: at most one whole group per species that keeps two
+    more in training, so no species vanishes from the fit and no duplicate sequence sits on both sides."""
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({"y": y, "g": groups})
+    candidates = [rng.choice(g) for g in frame.groupby("y")["g"].unique() if len(g) >= 3]
+    rng.shuffle(candidates)
+    sizes, chosen, count = frame.groupby("g").size(), [], 0
+    for g in candidates:
+        if count >= HOLDOUT_FRACTION * len(y):
+            break
+        chosen.append(g)
+        count += int(sizes[g])
+    return frame["g"].isin(chosen).to_numpy(copy=True)
+
+
+def _fit_mlp(x: torch.Tensor, y: torch.Tensor, k: int, holdout: torch.Tensor, seed: int
+             ) -> tuple[nn.Module, int, list[float]]:
+    """One hidden layer, mini-batch AdamW; stop after PATIENCE epochs without a better held-out (accuracy, loss)
+    and keep the best epoch's weights. Accuracy comes first, as in scikit-learn's MLPClassifier: the held-out loss
+    rises as soon as the head grows confident, long before its calls get worse (calibrate.py fixes confidence)."""
+    net = nn.Sequential(nn.Linear(x.shape[1], MLP_HIDDEN), nn.ReLU(), nn.Dropout(MLP_DROPOUT),
+                        nn.Linear(MLP_HIDDEN, k)).to(x.device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=MLP_LR, weight_decay=MLP_WEIGHT_DECAY)
+    fit_x, fit_y, val_x, val_y = x[~holdout], y[~holdout], x[holdout], y[holdout]
+    generator, has_val = torch.Generator().manual_seed(seed), bool(holdout.any())
+    best, best_epoch, best_state, history = (-1.0, -float("inf")), 0, None, []
+    for epoch in range(1, (MAX_EPOCHS if has_val else NO_HOLDOUT_EPOCHS) + 1):
+        net.train()
+        for idx in torch.randperm(len(fit_y), generator=generator).split(BATCH_ROWS):
+            loss = F.cross_entropy(net(fit_x[idx.to(x.device)]), fit_y[idx.to(x.device)])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if not has_val:
+            continue
+        net.eval()
+        with torch.no_grad():
+            val_logits = net(val_x)
+            history.append(float(F.cross_entropy(val_logits, val_y)))
+            score = (float((val_logits.argmax(dim=1) == val_y).float().mean()), -history[-1])
+        if score[0] > best[0] or (score[0] == best[0] and score[1] > best[1] + 1e-4):
+            best, best_epoch = score, epoch
+            best_state = {name: v.detach().clone() for name, v in net.state_dict().items()}
+        elif epoch - best_epoch >= PATIENCE:
+            break
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    return net, (best_epoch if has_val else NO_HOLDOUT_EPOCHS), history
+
+
+def fit_probe(kind: str, x: np.ndarray, y: np.ndarray, num_classes: int, seed: int = 0,
+              groups: np.ndarray | None = None) -> Probe:
+    """Train a head on standardised embeddings, in torch (on the GPU when there is one).
+
+    Args:
+        kind: `linear` (multinomial logistic regression, L2 with C = LINEAR_C, the optimum scikit-learn's
+            LogisticRegression finds, on every training row) or `mlp` (one hidden layer, early-stopped on a held-out
+            slice of the training rows).
+        x: (n, hidden) training embeddings.
+        y: (n,) int labels in 0..num_classes-1.
+        num_classes: size of the whole label space (logits cover every class).
+        seed: seed of the mlp's held-out slice, initial weights, shuffling and dropout (linear is deterministic).
+        groups: (n,) group of each row (identical sequences share one), so the mlp never holds out a copy of a
+            training row; when None, identical embeddings form the groups.
+
+    Returns:
+        The fitted Probe.
+
+    Raises:
+        ValueError: unknown kind, shapes disagree, labels out of range or fewer than two classes.
+    """
+    x, y = np.asarray(x, dtype=np.float32), np.asarray(y)
+    if kind not in PROBE_KINDS:
+        raise ValueError(f"unknown probe {kind!r}; choose one of {PROBE_KINDS}")
+    if x.ndim != 2 or y.shape != (x.shape[0],) or len(y) == 0:
+        raise ValueError(f"expected x (n, hidden) and y (n,) with n > 0, got {x.shape} and {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= num_classes:
+        raise ValueError(f"labels must be integers in 0..{num_classes - 1}")
+    classes = np.unique(y)
+    if classes.size < 2:
+        raise ValueError("a probe needs at least two species in the training data")
+    mean, scale = x.mean(axis=0), np.maximum(x.std(axis=0), 1e-6)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    xt = torch.from_numpy((x - mean) / scale).to(device)
+    yt = torch.from_numpy(np.searchsorted(classes, y)).long().to(device)
+    history: list[float] = []
+    if kind == "linear":
+        net, iterations = _fit_linear(xt, yt, classes.size)
+    else:
+        if groups is None:
+            groups = np.unique(x, axis=0, return_inverse=True)[1].ravel()
+        held = _holdout_mask(y, np.asarray(groups), seed) if len(y) >= MIN_ROWS_FOR_HOLDOUT else np.zeros_like(y, bool)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net, iterations, history = _fit_mlp(xt, yt, classes.size, torch.from_numpy(held).to(device), seed)
+    layers = [(m.weight.detach().cpu().numpy(), m.bias.detach().cpu().numpy())
+              for m in net.modules() if isinstance(m, nn.Linear)]
+    present = np.zeros(num_classes, dtype=bool)
+    present[classes] = True
+    log.info("%s probe: %d rows, %d of %d classes, %d iterations/epochs", kind, len(y), classes.size, num_classes,
+             iterations)
+    return Probe(kind, num_classes, mean, scale, layers, present, iterations, history)
+
+
+def probe_fold_fn(config: Config, prepared_dir: str | Path, records: pd.DataFrame, labels
+                  ) -> Callable[[str], dict]:
+    """The cv fold function of `model.finetune = "probe"`: embeddings computed once, a head fitted per fold.
+
+    Args:
+        config: backbone to embed with, probe head and pooling, train.seed / top_k / train_eval_size / monitor.
+        prepared_dir: output of `idengine prepare`.
+        records, labels: `read_prepared(prepared_dir)`.
+
+    Returns:
+        fit(fold) -> the dict `cv._fold_result` builds (same keys as the baselines' folds).
+    """
+    from idengine.cv import _fold_result
+    from idengine.metrics import classification_metrics, softmax
+
+    table = embed_table(prepared_dir, config)
+    position = pd.Index(table.column(C.ID).to_pylist()).get_indexer(records[C.ID])
+    if (position < 0).any():
+        raise ValueError(f"{prepared_dir}: embeddings lack {int((position < 0).sum())} records; delete "
+                         f"{Path(prepared_dir) / EMBEDDINGS_DIR} and run again")
+    x = embedding_matrix(table)[position]
+    kind = probe_settings(config.model)[0]
+    folds, y = records[C.FOLD].to_numpy(), records[C.LABEL].to_numpy()
+    groups = records[C.GROUP].to_numpy() if C.GROUP in records else None
+
+    def fit(fold: str) -> dict:
+        train, val = np.flatnonzero((folds != fold) & (folds != C.TEST_FOLD)), np.flatnonzero(folds == fold)
+        start = time.time()
+        probe = fit_probe(kind, x[train], y[train], labels.num_classes, seed=config.train.seed,
+                          groups=None if groups is None else groups[train])
+        fit_s = time.time() - start
+        rng = np.random.default_rng(config.train.seed)  # the same training sample whatever the fold order
+        sample = np.sort(rng.choice(train, size=min(config.train.train_eval_size, len(train)), replace=False))
+        start = time.time()
+        val_logits = probe.logits(x[val])
+        predict_s = time.time() - start
+        k, monitor = config.train.top_k, config.train.monitor
+        val_m = classification_metrics(y[val], softmax(val_logits), top_k=k)
+        train_m = classification_metrics(y[sample], softmax(probe.logits(x[sample])), top_k=k)
+        epoch = {**val_m, **{f"train_{m}": v for m, v in train_m.items()}, "epoch": 1, "fit_s": round(fit_s, 2),
+                 "predict_seqs_per_s": round(len(val) / max(predict_s, 1e-9), 1),
+                 f"gap_{monitor}": train_m[monitor] - val_m[monitor]}
+        return _fold_result(fold, records[C.ID].to_numpy()[val], y[val], val_logits, epoch, [epoch], config)
+
+    return fit
