@@ -1,4 +1,4 @@
-"""k-mer baselines: exact k-mer indexing, the RDP formula by hand, probabilities over the whole label space, learning."""
+"""k-mer baselines: exact k-mer indexing, the RDP formula by hand, probabilities over every class, learning."""
 
 from __future__ import annotations
 
