@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from idengine import columns as C
-from idengine.config import Config, save_config
+from idengine.config import BASELINE_BACKBONES, Config, save_config
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,8 @@ def read_oof(cv_dir: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
 
 def summary_markdown(metrics: dict) -> str:
     """A short human summary of metrics.json."""
-    lines = [f"# Cross-validation: {metrics['backbone']} ({metrics['finetune']})", "",
+    mode = "" if metrics["backbone"] in BASELINE_BACKBONES else f" ({metrics['finetune']})"
+    lines = [f"# Cross-validation: {metrics['backbone']}{mode}", "",
              f"{len(metrics['folds'])} folds, {metrics['num_classes']} species, {metrics['seconds']:.0f} s.", "",
              "| metric | mean | sd |", "|---|---|---|"]
     for name, value in metrics["mean"].items():

@@ -27,6 +27,22 @@ def _env(tmp_path: Path) -> dict:
             "TOKENIZERS_PARALLELISM": "false", "HOME": os.environ.get("HOME", str(tmp_path))}
 
 
+def _wait_for_dashboard(port: int, head: subprocess.Popen, seconds: float = 180) -> None:
+    """`ray start --block` returns nothing when the head is ready: poll the job API until it answers."""
+    import urllib.request
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        assert head.poll() is None, "ray start --head exited"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=5) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            time.sleep(2)
+    raise TimeoutError(f"the Ray dashboard on port {port} did not answer within {seconds} s")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -55,12 +71,17 @@ def test_ray_job_submit_runs_the_tiny_tune_job_on_a_local_head(two_fold_prepared
          f"--dashboard-port={dash}", f"--temp-dir={temp}", "--num-cpus=2", "--include-dashboard=true", "--block"],
         cwd=REPO, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
+        _wait_for_dashboard(dash, head)
         out = tmp_path / "tune"
-        submit = subprocess.run(
-            [f"{VENV_BIN}/ray", "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".", "--",
-             "python", "jobs/tune.py",
-             *_tune_args(two_fold_prepared, out, tmp_path / "ray", "tune.num_samples=2", "tune.scheduler=fifo")],
-            cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=900, start_new_session=True)
+        command = [f"{VENV_BIN}/ray", "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".",
+                   "--", "python", "jobs/tune.py",
+                   *_tune_args(two_fold_prepared, out, tmp_path / "ray", "tune.num_samples=2", "tune.scheduler=fifo")]
+        for _ in range(12):  # the job agent starts some seconds after the dashboard answers
+            submit = subprocess.run(command, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True,
+                                    timeout=900, start_new_session=True)
+            if "No available agent" not in submit.stderr:
+                break
+            time.sleep(5)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "SUCCEEDED" in submit.stdout + submit.stderr
         trials = pd.read_csv(out / "trials.csv")
