@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -35,6 +36,8 @@ METRIC_COLUMNS = (("top1_acc", "top-1"), ("f1_macro", "macro F1"), ("top5_acc", 
                   ("pr_auc_macro", "macro PR-AUC"), ("log_loss", "log loss"), ("ece", "ECE"))
 OTHER_COLUMNS = ("open set: overclassified", "train s/fold", "classify seqs/s", "peak MiB")
 BASE_CONFIG = REPO / "jobs" / "configs" / "tiny-cpu.yaml"
+REUSE_NOTE = ["Rows were assembled with --reuse from per-model results in the work dir (each measured by its own "
+              "invocation, possibly concurrently with others; see each row's note for its settings)."]
 TINY_OVERRIDES = ("train.batch_size=32", "train.train_eval_size=256")
 """CPU budget: fewer, larger steps and a smaller train-gap sample than tiny-cpu.yaml (16, 512)."""
 THROUGHPUT_SEQS = 1000
@@ -62,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="threads given to BLAST+/VSEARCH")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reuse", action="store_true", help="reuse per-model results already in the work dir")
+    p.add_argument("--assemble-only", action="store_true",
+                   help="with --reuse semantics, run nothing: models without a saved result are marked 'not run'")
+    p.add_argument("--note", action="append", default=[], help="extra line for the table's notes (repeatable)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -88,19 +94,33 @@ def model_config(model: str, prepared: Path, work: Path, epochs: int, seed: int)
     """The Config a model runs with: tiny-cpu.yaml + the backbone, scratch paths and the epoch budget."""
     from idengine.config import load_config
 
-    backbone = "tiny" if model == "tiny" else model
+    backbone = "tiny" if model in ("tiny", "probe") else model
     overrides = [f"model.backbone={backbone}", f"train.storage_path={(work / 'ray').resolve()}",
                  f"train.seed={seed}", "train.num_workers=0"]
+    if model == "probe":
+        overrides.append("model.finetune=probe")
     if model == "tiny":
         overrides += [f"train.epochs={epochs}", f"train.patience={epochs}", *TINY_OVERRIDES]
     return load_config(BASE_CONFIG, overrides)
 
 
+def probe_ready() -> bool:
+    """The frozen-backbone embedding probe is selectable as model.finetune=probe (idengine/probe.py + config)."""
+    from idengine.config import ModelConfig
+
+    try:
+        ModelConfig(backbone="tiny", finetune="probe")
+    except ValueError:
+        return False
+    return importlib.util.find_spec("idengine.probe") is not None
+
+
 def run_child(model: str, args: argparse.Namespace, prepared: Path, work: Path) -> dict:
     """Run one idengine model in a child process; its peak RSS comes from os.wait4 (Ray's daemons excluded)."""
     result_file = work / "results" / f"{model}.json"
-    if model == "probe" and importlib.util.find_spec("idengine.probe") is None:
-        return {"name": model, "kind": "idengine", "status": "skipped", "note": "skipped: idengine.probe not found"}
+    if model == "probe" and not probe_ready():
+        return {"name": model, "kind": "idengine", "status": "skipped",
+                "note": "skipped: this idengine cannot select the embedding probe (model.finetune=probe) yet"}
     partial = result_file.with_suffix(".partial.json")
     if args.reuse and result_file.exists():
         return json.loads(result_file.read_text())
@@ -109,6 +129,8 @@ def run_child(model: str, args: argparse.Namespace, prepared: Path, work: Path) 
         row["note"] = (f"only {row['folds_done']} of {args.n_folds} folds finished in the time budget "
                        "(stopped); fit time, throughput and memory not recorded")
         return row
+    if args.assemble_only:
+        return {"name": model, "kind": "idengine", "status": "not run", "note": "no saved result (--assemble-only)"}
     result_file.parent.mkdir(parents=True, exist_ok=True)
     spec = {"model": model, "prepared": str(prepared), "work": str(work), "epochs": args.epochs, "seed": args.seed,
             "open_set": not args.no_open_set and (model != "tiny" or args.tiny_open_set),
@@ -134,6 +156,8 @@ def run_peer_cached(peer: str, args: argparse.Namespace, prepared: Path, work: P
     result_file = work / "results" / f"{peer}.json"
     if args.reuse and result_file.exists():
         return json.loads(result_file.read_text())
+    if args.assemble_only:
+        return {"name": peer, "kind": "peer", "status": "not run", "note": "no saved result (--assemble-only)"}
     open_n = args.peer_open_set_queries
     if open_n is None:
         open_n = args.n_folds * args.peer_queries_per_fold
@@ -167,6 +191,11 @@ def bench_idengine_model(spec: dict) -> dict:
         fit_s = [h[0]["fit_s"] for h in history]
         speed = sum(h[0]["predict_seqs_per_s"] for h in history) / len(history)
         note = "train s = fit time"
+    elif model == "probe":  # embeddings are computed once for all folds; a new sequence pays the backbone forward
+        fit_s = [h[0]["fit_s"] for h in history]
+        speed = transformer_throughput(config, prepared)
+        note = ("tiny random backbone, frozen; train s = head fit (embedding once, not included); seqs/s = "
+                "backbone forward incl. tokenizing; open set not run")
     else:
         fit_s = [sum(e["seconds"] for e in h) for h in history]
         speed = transformer_throughput(config, prepared)
@@ -177,7 +206,7 @@ def bench_idengine_model(spec: dict) -> dict:
               "folds": metrics["folds"], "train_s_per_fold": _mean_sd(fit_s),
               "fold_wall_s": [f["seconds"] for f in metrics["folds"]], "classify_seqs_per_s": round(speed, 1),
               "cv_dir": str(cv_dir), "load_avg_at_end": os.getloadavg()}
-    if spec["open_set"]:
+    if spec["open_set"] and config.model.is_baseline():
         result["open_set"] = baseline_open_set(config, prepared, cv_dir)
     return result
 
@@ -216,7 +245,8 @@ def transformer_throughput(config, prepared: Path) -> float:
 
     records, labels = read_prepared(prepared)
     val = records[records[C.FOLD] == "0"].head(THROUGHPUT_SEQS)
-    model = build_model(config.model, config.lora, labels.num_classes, dict(enumerate(labels.species))).eval()
+    model_cfg = dataclasses.replace(config.model, finetune="full")  # same forward as any mode (probe too)
+    model = build_model(model_cfg, config.lora, labels.num_classes, dict(enumerate(labels.species))).eval()
     tokenizer = load_tokenizer(config.model.backbone)
     size = config.predict.batch_size
     start = time.perf_counter()
@@ -311,7 +341,12 @@ def render_markdown(report: dict) -> str:
              + " |", "|---" * (1 + len(METRIC_COLUMNS) + len(OTHER_COLUMNS)) + "|"]
     lines += [table_row(row) for row in report["rows"]]
     lines += ["", "Metrics are mean ± sd over folds; `–` = not defined for that tool or not measured.", "", "Notes:"]
-    lines += [f"- {row['name']}: {row['note']}" for row in report["rows"] if row.get("note")]
+    for row in report["rows"]:
+        parts = [row["note"]] if row.get("note") else []
+        if row.get("open_set", {}).get("n"):
+            parts.append(f"open set: {row['open_set']['n']} queries")
+        if parts:
+            lines.append(f"- {row['name']}: {'; '.join(parts)}")
     lines += [f"- {note}" for note in report["notes"]]
     return "\n".join(lines) + "\n"
 
@@ -326,6 +361,7 @@ def dataset_summary(args: argparse.Namespace, prepared: Path) -> dict:
 def main(argv: list[str] | None = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
+    args.reuse = args.reuse or args.assemble_only
     if args.child:
         spec = json.loads(args.child)
         Path(spec["result"]).write_text(json.dumps(bench_idengine_model(spec), indent=1))
@@ -347,7 +383,8 @@ def main(argv: list[str] | None = None) -> Path:
     rows += peers.reference_rows(Path(args.data) / "PEERS.md", rerun)
     report = {"date": started, "commit": git_commit(), "machine": machine,
               "command": "python bench/run_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "dataset": dataset_summary(args, prepared), "rows": rows, "notes": peers.NOTES}
+              "dataset": dataset_summary(args, prepared), "rows": rows,
+              "notes": peers.NOTES + args.note + (REUSE_NOTE if args.reuse else [])}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
     out.write_text(render_markdown(report))
