@@ -68,7 +68,11 @@ def test_ray_job_submit_runs_the_tiny_tune_job_on_a_local_head(two_fold_prepared
     temp = Path(f"/tmp/idg-head-{os.getpid()}")
     head = subprocess.Popen(
         [f"{VENV_BIN}/ray", "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", f"--temp-dir={temp}", "--num-cpus=2", "--include-dashboard=true", "--block"],
+         f"--dashboard-port={dash}", f"--temp-dir={temp}", "--num-cpus=2", "--include-dashboard=true",
+         # Ports of their own: another Ray on this machine (the test session's) may hold the defaults.
+         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+         f"--ray-client-server-port={_free_port()}", "--block"],
         cwd=REPO, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait_for_dashboard(dash, head)
@@ -83,7 +87,7 @@ def test_ray_job_submit_runs_the_tiny_tune_job_on_a_local_head(two_fold_prepared
                 break
             time.sleep(5)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-        assert "SUCCEEDED" in submit.stdout + submit.stderr
+        assert "succeeded" in (submit.stdout + submit.stderr).lower()  # "Job 'raysubmit_...' succeeded"
         trials = pd.read_csv(out / "trials.csv")
         assert len(trials) == 2 and (trials["status"] == "COMPLETE").all()
         assert list(trials["mean_pr_auc_macro"]) == sorted(trials["mean_pr_auc_macro"], reverse=True)
