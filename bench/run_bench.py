@@ -126,6 +126,8 @@ def run_child(model: str, args: argparse.Namespace, prepared: Path, work: Path) 
         return json.loads(result_file.read_text())
     if args.reuse and partial.exists():  # stopped before its last fold: its finished folds, said so
         row = json.loads(partial.read_text())
+        if row["folds_done"] == 1:  # one fold has no spread: show the value without a made-up ± 0
+            row["metrics"] = {k: {"mean": v["mean"], "sd": None} for k, v in row["metrics"].items()}
         row["note"] = (f"only {row['folds_done']} of {args.n_folds} folds finished in the time budget "
                        "(stopped); fit time, throughput and memory not recorded")
         return row
@@ -335,20 +337,26 @@ def render_markdown(report: dict) -> str:
              f"- Machine: {mach.get('cores')} cores, {mach.get('ram_gib', '?')} GiB RAM, {mach.get('cpu', '?')}; "
              f"load average at start {', '.join(f'{x:.1f}' for x in mach.get('load_avg_at_start', []))}",
              f"- Date: {report['date']}; idengine commit {report['commit']}; {report['command']}",
-             f"- Data: {data['kept']} records, {data['species']} species (>= {data['min_seqs']} distinct sequences), "
-             f"{data['folds']} folds from {data['fold_source']}; open set: {data['unknown']} records of rarer species",
+             f"- Data: {data['kept']:,} records, {data['species']:,} species (>= {data['min_seqs']} distinct sequences), "
+             f"{data['folds']} folds from {data['fold_source']}; open set: {data['unknown']:,} records of rarer species",
              "", "| model | " + " | ".join(label for _, label in METRIC_COLUMNS) + " | " + " | ".join(OTHER_COLUMNS)
              + " |", "|---" * (1 + len(METRIC_COLUMNS) + len(OTHER_COLUMNS)) + "|"]
     lines += [table_row(row) for row in report["rows"]]
     lines += ["", "Metrics are mean ± sd over folds; `–` = not defined for that tool or not measured.", "", "Notes:"]
     for row in report["rows"]:
         parts = [row["note"]] if row.get("note") else []
-        if row.get("open_set", {}).get("n"):
+        if row.get("open_set", {}).get("n") and "open set:" not in row.get("note", ""):
             parts.append(f"open set: {row['open_set']['n']} queries")
         if parts:
             lines.append(f"- {row['name']}: {'; '.join(parts)}")
     lines += [f"- {note}" for note in report["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def command_line(argv: list[str]) -> str:
+    """The command as run, without the --note texts (they are printed under the table)."""
+    kept = [a for i, a in enumerate(argv) if a != "--note" and (i == 0 or argv[i - 1] != "--note")]
+    return "python bench/run_bench.py " + " ".join(kept)
 
 
 def dataset_summary(args: argparse.Namespace, prepared: Path) -> dict:
@@ -382,7 +390,7 @@ def main(argv: list[str] | None = None) -> Path:
     rerun = {r["name"] for r in rows if r["status"] == "ok"}
     rows += peers.reference_rows(Path(args.data) / "PEERS.md", rerun)
     report = {"date": started, "commit": git_commit(), "machine": machine,
-              "command": "python bench/run_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "command": command_line(argv if argv is not None else sys.argv[1:]),
               "dataset": dataset_summary(args, prepared), "rows": rows,
               "notes": peers.NOTES + args.note + (REUSE_NOTE if args.reuse else [])}
     out.parent.mkdir(parents=True, exist_ok=True)
