@@ -82,7 +82,7 @@ def main() -> None:
                  "train.cpus_per_worker=1", "train.train_eval_size=64", "model.finetune=lora"]
     config = load_config(REPO / "jobs" / "configs" / "tiny-cpu.yaml", overrides)
     prepared = Path(args.prepared) if args.prepared else prepare_dataset(config, work / "prepared")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024**2)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024**2)
     _, labels = read_prepared(prepared)
     tokens = subset(tokenized_table(prepared, config), "0", args.max_train_records, config.train.seed)
     results = {"plain (no Ray)": plain_run(config, tokens, "0", labels)}

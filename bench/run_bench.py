@@ -219,7 +219,7 @@ def start_ray(attempts: int = 3) -> None:
 
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=512 * 2**20,
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=512 * 2**20,
                      log_to_driver=False)
             return
         except Exception:  # Ray raises a bare Exception on a start-up timeout

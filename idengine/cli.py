@@ -78,7 +78,9 @@ def init_ray(address: str | None) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(dashboard_host="127.0.0.1")
+        # "local": a Ray of our own. A bare ray.init() would attach to any cluster `ray start`ed on this machine
+        # (found through /tmp/ray/ray_current_cluster) and die with it.
+        ray.init(address="local", dashboard_host="127.0.0.1")
 
 
 def run(args: argparse.Namespace) -> Path:

@@ -24,6 +24,7 @@ def ray_session(tmp_path_factory):
 
     temp_dir = Path("/tmp") / f"idengine-ray-{os.getpid()}"  # short: Ray's socket paths have a length limit
     ray.init(
+        address="local",  # never attach to a head another test started with `ray start`
         num_cpus=2,
         include_dashboard=False,
         object_store_memory=384 * 1024 * 1024,
