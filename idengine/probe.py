@@ -1,10 +1,9 @@
 """Step 10b, probe: frozen-backbone embeddings computed once (Ray Data, cached) + a linear or small MLP head on them.
 
 The lightweight path and a cheap tuning surrogate: `embed_table` runs the frozen backbone over the cached token table
-with Ray Data actors and stores one pooled vector per record under `<prepared>/embeddings/<key>/`; `fit_probe` trains
-a head on those vectors in seconds; `probe_fold_fn` plugs the pair into `cv.run_cv` beside the baselines.
-Pooling `mean` averages the last hidden states over the sequence's tokens (padding AND the CLS token excluded);
-`cls` takes the CLS token's state.
+with Ray Data actors and caches one pooled vector per record (`mean`: the last hidden states averaged over the
+sequence's tokens, padding and CLS excluded; or `cls`); `fit_probe` trains a head on them; `probe_fold_fn` plugs both
+into `cv.run_cv` beside the baselines.
 """
 
 from __future__ import annotations
@@ -42,8 +41,7 @@ ROWS_PER_CALL = 512
 """Records per Ray Data block / actor call; each call runs forwards of `predict.batch_size` length-sorted rows."""
 _DONE = "_COMPLETE.json"
 
-LINEAR_C = 1.0
-"""Inverse L2 strength of the linear probe, as scikit-learn's C (its default)."""
+LINEAR_C = 1.0  # inverse L2 strength of the linear probe, as scikit-learn's C (its default)
 LBFGS_MAX_ITER = 500
 MLP_HIDDEN, MLP_DROPOUT, MLP_LR, MLP_WEIGHT_DECAY = 512, 0.2, 1e-3, 1e-2
 BATCH_ROWS, MAX_EPOCHS, PATIENCE = 256, 300, 20
@@ -63,11 +61,8 @@ def probe_settings(model_cfg: ModelConfig) -> tuple[str, str]:
 
 
 def load_backbone(model_cfg: ModelConfig) -> nn.Module:
-    """The backbone without any head (an EsmModel for NT checkpoints), frozen, in eval mode, fp32 on the CPU.
-
-    Args:
-        model_cfg: backbone (`tiny`, a hub id or a local checkpoint dir), revision, trust_remote_code.
-    """
+    """The backbone (`tiny`, a hub id or a local checkpoint dir) without any head: an EsmModel for NT checkpoints,
+    frozen, in eval mode, fp32 on the CPU."""
     from idengine.model import PICKLE_TRUSTED_BACKBONES, _tiny_masked_lm
 
     if model_cfg.backbone == TINY_BACKBONE:
@@ -218,7 +213,7 @@ def _embed_with_ray(tokens: pa.Table, config: Config) -> pa.FixedSizeListArray:
                                "threads": threads},
         batch_size=ROWS_PER_CALL,
         batch_format="numpy",
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1,
         num_gpus=1 if use_gpu else None,
     )
@@ -352,7 +347,7 @@ def _fit_mlp(x: torch.Tensor, y: torch.Tensor, k: int, holdout: torch.Tensor, se
 
 
 def fit_probe(kind: str, x: np.ndarray, y: np.ndarray, num_classes: int, seed: int = 0,
-              groups: np.ndarray | None = None) -> Probe:
+              groups: np.ndarray | None = None, device: str | None = None) -> Probe:
     """Train a head on standardised embeddings, in torch (on the GPU when there is one).
 
     Args:
@@ -365,6 +360,7 @@ def fit_probe(kind: str, x: np.ndarray, y: np.ndarray, num_classes: int, seed: i
         seed: seed of the mlp's held-out slice, initial weights, shuffling and dropout (linear is deterministic).
         groups: (n,) group of each row (identical sequences share one), so the mlp never holds out a copy of a
             training row; when None, identical embeddings form the groups.
+        device: where to train (`cuda` when there is one, else `cpu`, when None).
 
     Returns:
         The fitted Probe.
@@ -383,7 +379,7 @@ def fit_probe(kind: str, x: np.ndarray, y: np.ndarray, num_classes: int, seed: i
     if classes.size < 2:
         raise ValueError("a probe needs at least two species in the training data")
     mean, scale = x.mean(axis=0), np.maximum(x.std(axis=0), 1e-6)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     xt = torch.from_numpy((x - mean) / scale).to(device)
     yt = torch.from_numpy(np.searchsorted(classes, y)).long().to(device)
     history: list[float] = []
@@ -411,11 +407,10 @@ def probe_fold_fn(config: Config, prepared_dir: str | Path, records: pd.DataFram
 
     Args:
         config: backbone to embed with, probe head and pooling, train.seed / top_k / train_eval_size / monitor.
-        prepared_dir: output of `idengine prepare`.
-        records, labels: `read_prepared(prepared_dir)`.
+        prepared_dir, records, labels: a prepared directory and `read_prepared(prepared_dir)`.
 
     Returns:
-        fit(fold) -> the dict `cv._fold_result` builds (same keys as the baselines' folds).
+        fit(fold) -> the dict `cv._fold_result` builds (the same keys as the baselines' folds).
     """
     from idengine.cv import _fold_result
     from idengine.metrics import classification_metrics, softmax

@@ -10,7 +10,6 @@ import pyarrow as pa
 import pytest
 import torch
 from conftest import tiny_test_config
-from fixtures_tiny import one_torch_thread, tiny_model_dir  # noqa: F401 (fixtures)
 
 from idengine import columns as C
 from idengine import probe as P
@@ -211,3 +210,19 @@ def test_probe_fold_fn_returns_what_cv_expects(embedded):
     again = classification_metrics(result["labels"], softmax(result["logits"]), top_k=5)
     assert again["pr_auc_macro"] == pytest.approx(result["val"]["pr_auc_macro"])
     assert result["gap"] == pytest.approx(result["train"]["pr_auc_macro"] - result["val"]["pr_auc_macro"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_gpu_embeddings_and_probe_agree_with_the_cpu(example):
+    records, labels, x = example
+    device = torch.device("cuda")
+    model = P.load_backbone(ModelConfig(backbone="tiny")).to(device)
+    got = P.embed_token_ids(model, _token_rows(records), 64, device=device, autocast_dtype=torch.bfloat16)
+    cosine = (got * x).sum(axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(x, axis=1)
+    assert cosine.min() > 0.99
+    train, val = _fold(records, "0")
+    y = records[C.LABEL].to_numpy()
+    probs = [softmax(P.fit_probe("linear", x[train], y[train], labels.num_classes, device=d).logits(x[val]))
+             for d in ("cuda", "cpu")]
+    np.testing.assert_allclose(probs[0], probs[1], atol=5e-3)
