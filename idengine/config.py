@@ -73,7 +73,12 @@ class ModelConfig:
     revision: str | None = None
     """Hub revision (commit, tag or branch) to pin the backbone to."""
     finetune: str = "lora"
-    """`lora` (adapters + head), `full` (every weight) or `head` (frozen backbone, head only)."""
+    """`lora` (adapters + head), `full` (every weight), `head` (frozen backbone, head only) or `probe` (frozen
+    backbone's pooled embeddings computed once with Ray Data and cached, then a linear/MLP head per fold)."""
+    probe_head: str = "linear"
+    """Head of finetune=probe: `linear` (multinomial logistic regression) or `mlp` (one hidden layer, early-stopped)."""
+    pooling: str = "mean"
+    """Embedding of finetune=probe: `mean` of the last hidden states (CLS and padding excluded) or `cls`."""
     trust_remote_code: bool = False
     """Let transformers run code shipped with the checkpoint. Off unless you trust the source."""
     max_tokens: int = 1000
@@ -84,8 +89,12 @@ class ModelConfig:
     """k for the k-mer baselines."""
 
     def __post_init__(self) -> None:
-        if self.finetune not in ("lora", "full", "head"):
-            raise ValueError(f"model.finetune must be lora, full or head, not {self.finetune!r}")
+        if self.finetune not in ("lora", "full", "head", "probe"):
+            raise ValueError(f"model.finetune must be lora, full, head or probe, not {self.finetune!r}")
+        if self.probe_head not in ("linear", "mlp"):
+            raise ValueError("model.probe_head must be linear or mlp")
+        if self.pooling not in ("mean", "cls"):
+            raise ValueError("model.pooling must be mean or cls")
         if not 8 <= self.max_tokens <= 1000:
             raise ValueError("model.max_tokens must be in [8, 1000] (the NT position limit)")
 

@@ -58,8 +58,14 @@ def run_cv(config: Config, prepared_dir: str | Path, out_dir: str | Path,
     records, labels = read_prepared(prepared_dir)
     folds = cv_folds(records)
     out_dir = Path(out_dir)
-    fit = _baseline_fold_fn(config, records, labels) if config.model.is_baseline() else \
-        _transformer_fold_fn(config, prepared_dir, labels, out_dir)
+    if config.model.is_baseline():
+        fit = _baseline_fold_fn(config, records, labels)
+    elif config.model.finetune == "probe":
+        from idengine.probe import probe_fold_fn
+
+        fit = probe_fold_fn(config, prepared_dir, records, labels)
+    else:
+        fit = _transformer_fold_fn(config, prepared_dir, labels, out_dir)
     results = []
     for i, fold in enumerate(folds):
         start = time.time()

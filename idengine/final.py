@@ -246,6 +246,9 @@ def train_final(config: Config, prepared_dir: str | Path, cv_dir: str | Path, ou
     Returns:
         out_dir as a Path. Raises ValueError for inconsistent inputs (no test split, OOF from other data).
     """
+    if config.model.finetune == "probe" or config.model.is_baseline():
+        raise ValueError(f"idengine train exports transformer models only; {config.model.backbone} / "
+                         f"{config.model.finetune} is evaluated by `idengine cv` but cannot be exported yet")
     import ray
 
     from idengine.data.prepare import read_prepared, read_unknown

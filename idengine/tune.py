@@ -124,7 +124,11 @@ def run_tune(config: Config, prepared_dir: str | Path, out_dir: str | Path, resu
     from idengine.train.ray_train import storage_uri
 
     records, _ = read_prepared(prepared_dir)
-    if not config.model.is_baseline():
+    if config.model.finetune == "probe" and not config.model.is_baseline():
+        from idengine.probe import embed_table
+
+        embed_table(prepared_dir, config)  # embed once here: trials then only fit heads on the cached embeddings
+    elif not config.model.is_baseline():
         from idengine.data.ray_tokenize import tokenized_table
 
         tokenized_table(prepared_dir, config)  # tokenize once here, so trials share the cache instead of racing

@@ -34,7 +34,7 @@ def test_yaml_exponent_without_dot_is_a_float(tmp_path):
     ("train.lr", "section.key=value"),
     ("train.lr=abc", "must be a number"),
     ("train.scheduler=step", "cosine, linear or constant"),
-    ("model.finetune=prefix", "lora, full or head"),
+    ("model.finetune=prefix", "lora, full, head or probe"),
     ("data.n_folds=1", "at least 2"),
 ])
 def test_bad_overrides_are_errors(override, message):
@@ -56,3 +56,12 @@ def test_defaults_point_at_the_real_backbone_and_keep_remote_code_off():
     config = Config()
     assert config.model.backbone == "InstaDeepAI/nucleotide-transformer-2.5b-multi-species"
     assert config.model.trust_remote_code is False
+
+
+def test_probe_settings_are_validated():
+    config = load_config(None, ["model.finetune=probe", "model.probe_head=mlp", "model.pooling=cls"])
+    assert (config.model.finetune, config.model.probe_head, config.model.pooling) == ("probe", "mlp", "cls")
+    with pytest.raises(ValueError, match="probe_head"):
+        load_config(None, ["model.probe_head=forest"])
+    with pytest.raises(ValueError, match="pooling"):
+        load_config(None, ["model.pooling=max"])

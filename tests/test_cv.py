@@ -62,3 +62,12 @@ def test_transformer_cv_local_mode(ray_session, prepared_example, tmp_path):
     history = json.loads((out / "folds" / "0.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
     assert not list(tmp_path.glob(".cv.*.tmp"))  # nothing half-written left behind
+
+
+@pytest.mark.integration
+def test_probe_cv_through_run_cv(ray_session, prepared_example, tmp_path):
+    config = tiny_test_config(tmp_path, "model.finetune=probe")
+    out = run_cv(config, prepared_example, tmp_path / "cv")
+    metrics = _check_cv_dir(out, prepared_example, 1)
+    assert metrics["finetune"] == "probe"
+    assert metrics["mean"]["top1_acc"]["mean"] > 3 / 32  # the frozen random backbone's embeddings still carry signal
