@@ -69,6 +69,8 @@ def run_cv(config: Config, prepared_dir: str | Path, out_dir: str | Path,
     results = []
     for i, fold in enumerate(folds):
         start = time.time()
+        logger.info("fold %s (%d/%d): %d validation records; per-epoch lines follow", fold, i + 1, len(folds),
+                    int((records[C.FOLD] == fold).sum()))
         result = fit(fold)
         result["seconds"] = round(time.time() - start, 2)
         results.append(result)
