@@ -9,12 +9,8 @@ into `cv.run_cv` beside the baselines.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
-import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -173,7 +169,7 @@ def embed_table(prepared_dir: str | Path, config: Config) -> pa.Table:
     """
     import ray
 
-    from idengine.data.ray_tokenize import tokenized_table
+    from idengine.data.ray_tokenize import tokenized_table, write_parquet_cache
 
     prepared_dir = Path(prepared_dir)
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if ray.is_initialized() else torch.cuda.is_available()
@@ -190,7 +186,7 @@ def embed_table(prepared_dir: str | Path, config: Config) -> pa.Table:
     meta = {"rows": table.num_rows, "dim": vectors.type.list_size, "backbone": config.model.backbone,
             "revision": config.model.revision, "pooling": probe_settings(config.model)[1], "gpu": use_gpu,
             "seconds": round(seconds, 2), "seqs_per_s": round(table.num_rows / max(seconds, 1e-9), 1)}
-    _write_cache(table, cache_dir, meta)
+    write_parquet_cache(table, cache_dir, "embeddings.parquet", meta)
     log.info("embedded %d records with %s in %.1f s (%.0f seqs/s, Ray start-up included) -> %s",
              table.num_rows, config.model.backbone, seconds, meta["seqs_per_s"], cache_dir)
     return table
@@ -222,19 +218,6 @@ def _embed_with_ray(tokens: pa.Table, config: Config) -> pa.FixedSizeListArray:
     if (position < 0).any() or done.num_rows != tokens.num_rows:
         raise RuntimeError(f"embedding returned {done.num_rows} rows for {tokens.num_rows} records")
     return done.column(EMBEDDING).combine_chunks().take(pa.array(position))
-
-
-def _write_cache(table: pa.Table, cache_dir: Path, meta: dict) -> None:
-    tmp = cache_dir.with_name(f".{cache_dir.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.mkdir(parents=True)
-    pq.write_table(table, tmp / "embeddings.parquet")
-    (tmp / _DONE).write_text(json.dumps(meta, indent=1))
-    if (cache_dir / _DONE).exists():  # another process finished the same cache first: keep theirs
-        shutil.rmtree(tmp)
-        return
-    if cache_dir.exists():
-        shutil.rmtree(cache_dir)
-    os.replace(tmp, cache_dir)
 
 
 def embedding_matrix(table: pa.Table) -> np.ndarray:

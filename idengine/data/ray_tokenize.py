@@ -85,7 +85,9 @@ def tokenized_table(prepared_dir: str | Path, config: Config) -> pa.Table:
         logger.info("token cache hit: %s", cache_dir)
         return _read_cache(cache_dir)
     table = _tokenize_with_ray(records_path, config)
-    _write_cache(table, cache_dir, config)
+    write_parquet_cache(table, cache_dir, "tokens.parquet", {
+        "rows": table.num_rows, "backbone": config.model.backbone, "revision": config.model.revision,
+        "max_tokens": config.model.max_tokens})
     n_truncated = int(np.asarray(table.column(C.TRUNCATED)).sum())
     logger.info("tokenized %d records (%d truncated to %d tokens) -> %s",
                 table.num_rows, n_truncated, config.model.max_tokens, cache_dir)
@@ -123,17 +125,17 @@ def _iter_tables(ds) -> list[pa.Table]:
     return [t for t in ds.iter_batches(batch_format="pyarrow", batch_size=None)]
 
 
-def _write_cache(table: pa.Table, cache_dir: Path, config: Config) -> None:
+def write_parquet_cache(table: pa.Table, cache_dir: Path, filename: str, meta: dict) -> None:
+    """Write `table` + a completion marker under a temporary name, then rename: a cache is complete or absent.
+
+    Shared by the token cache and the embedding cache (probe.py). If another process completed the same cache first,
+    its copy is kept.
+    """
     tmp = cache_dir.with_name(f".{cache_dir.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir(parents=True)
-    pq.write_table(table, tmp / "tokens.parquet")
-    (tmp / _DONE).write_text(json.dumps({
-        "rows": table.num_rows,
-        "backbone": config.model.backbone,
-        "revision": config.model.revision,
-        "max_tokens": config.model.max_tokens,
-    }, indent=1))
-    if (cache_dir / _DONE).exists():  # another process finished the same cache first: keep theirs
+    pq.write_table(table, tmp / filename)
+    (tmp / _DONE).write_text(json.dumps(meta, indent=1))
+    if (cache_dir / _DONE).exists():
         shutil.rmtree(tmp)
         return
     if cache_dir.exists():
