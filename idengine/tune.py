@@ -184,11 +184,10 @@ def _write_outputs(grid, config: Config, out_dir: Path, metric: str, n_folds: in
     table = pd.DataFrame(rows).sort_values(["folds_done", metric], ascending=False, na_position="last")
     table.to_csv(out_dir / TRIALS_CSV, index=False)
     (out_dir / TRIALS_MD).write_text(_markdown(table))
-    best = grid.get_best_result(metric=metric, mode="max", scope="last")
     # Only trials that ran every fold compete for "best": a stopped trial's running mean covers fewer folds.
     complete = table[table["status"] == "COMPLETE"]
     sample = {k[len("config/"):]: _plain(v) for k, v in complete.iloc[0].items() if k.startswith("config/")} \
-        if len(complete) else dict(best.config)
+        if len(complete) else dict(grid.get_best_result(metric=metric, mode="max", scope="last").config)
     best_config = with_values(config, sample)
     save_config(best_config, out_dir / BEST_CONFIG)
     (out_dir / "best.json").write_text(json.dumps({"config": sample, metric: float(complete.iloc[0][metric])

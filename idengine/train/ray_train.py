@@ -9,6 +9,7 @@ A worker that dies is replaced and the fold resumes from the latest checkpoint (
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -168,8 +169,6 @@ def _fold_run_from_result(result, fold: str, val: pa.Table, start: float) -> Fol
     with result.checkpoint.as_directory() as ckpt:
         ckpt = Path(ckpt)
         logits = np.load(ckpt / "best_val_logits.npy", allow_pickle=False)
-        import json
-
         state = json.loads((ckpt / "state.json").read_text())
     val_labels = np.asarray(val.column(C.LABEL))
     if logits.shape[0] != len(val_labels):
