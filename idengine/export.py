@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -66,6 +65,7 @@ from idengine.config import TINY_BACKBONE, Config, load_config, save_config
 from idengine.data.clean import normalise_sequence
 from idengine.data.splits import LabelSpace
 from idengine.data.tokenize import collate, load_tokenizer, tokenize_batch
+from idengine.files import file_sha256
 from idengine.model import build_model, load_trainable_state, save_tiny_backbone, trainable_state_dict, unwrap
 
 log = logging.getLogger(__name__)
@@ -155,14 +155,6 @@ def library_versions() -> dict[str, str | None]:
             return None
 
     return {"python": platform.python_version(), **{name: version(name) for name in VERSIONED_PACKAGES}}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def json_safe(value: Any) -> Any:

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from idengine import columns as C
 from idengine.config import Config
+from idengine.files import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +48,6 @@ class TokenizeBatch:
         return pa.table({**{k: pa.array(v) for k, v in table.items()}, C.INPUT_IDS: ids})
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def cache_key(records_path: Path, config: Config) -> str:
     """Hash of everything the token ids depend on: the records, the tokenizer (vocabulary) and max_tokens."""
     from idengine.data.tokenize import load_tokenizer
@@ -62,7 +55,7 @@ def cache_key(records_path: Path, config: Config) -> str:
     tokenizer = load_tokenizer(config.model.backbone, revision=config.model.revision,
                                trust_remote_code=config.model.trust_remote_code)
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
-    parts = [_file_sha256(records_path), hashlib.sha256(vocab.encode()).hexdigest(), str(config.model.max_tokens)]
+    parts = [file_sha256(records_path), hashlib.sha256(vocab.encode()).hexdigest(), str(config.model.max_tokens)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -128,7 +121,7 @@ def _iter_tables(ds) -> list[pa.Table]:
 def write_parquet_cache(table: pa.Table, cache_dir: Path, filename: str, meta: dict) -> None:
     """Write `table` + a completion marker under a temporary name, then rename: a cache is complete or absent.
 
-    Shared by the token cache and the embedding cache (probe.py). If another process completed the same cache first,
+    Shared by the token cache and the embedding cache (embed.py). If another process completed the same cache first,
     its copy is kept.
     """
     tmp = cache_dir.with_name(f".{cache_dir.name}.{uuid.uuid4().hex[:8]}.tmp")
