@@ -125,7 +125,7 @@ def run_tune(config: Config, prepared_dir: str | Path, out_dir: str | Path, resu
 
     records, _ = read_prepared(prepared_dir)
     if config.model.finetune == "probe" and not config.model.is_baseline():
-        from idengine.probe import embed_table
+        from idengine.embed import embed_table
 
         embed_table(prepared_dir, config)  # embed once here: trials then only fit heads on the cached embeddings
     elif not config.model.is_baseline():

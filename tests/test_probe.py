@@ -12,6 +12,7 @@ import torch
 from conftest import tiny_test_config
 
 from idengine import columns as C
+from idengine import embed as E
 from idengine import probe as P
 from idengine.config import ModelConfig
 from idengine.data.prepare import read_prepared
@@ -38,7 +39,7 @@ def example(prepared_example):
     records, labels = read_prepared(prepared_example)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    x = P.embed_token_ids(P.load_backbone(ModelConfig(backbone="tiny")), _token_rows(records), batch_size=64)
+    x = E.embed_token_ids(E.load_backbone(ModelConfig(backbone="tiny")), _token_rows(records), batch_size=64)
     torch.set_num_threads(threads)
     return records, labels, x
 
@@ -52,8 +53,8 @@ def _fold(records: pd.DataFrame, fold: str) -> tuple[np.ndarray, np.ndarray]:
 def test_mean_pool_excludes_cls_and_padding():
     hidden = torch.tensor([[[9.0, 9.0], [1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
     mask = torch.tensor([[1, 1, 1, 0]])  # CLS, two tokens, one pad
-    assert P.pool_hidden(hidden, mask).tolist() == [[2.0, 3.0]]
-    assert P.pool_hidden(hidden, mask, "cls").tolist() == [[9.0, 9.0]]
+    assert E.pool_hidden(hidden, mask).tolist() == [[2.0, 3.0]]
+    assert E.pool_hidden(hidden, mask, "cls").tolist() == [[9.0, 9.0]]
 
 
 @pytest.mark.usefixtures("one_torch_thread")
@@ -70,9 +71,9 @@ def test_embeddings_equal_a_direct_mean_pool_and_ignore_padding(example, tiny_mo
     # The shortest record alone and padded to the longest one's length in a shared batch.
     short, long = int(np.argmin(lengths)), int(np.argmax(lengths))
     assert lengths[long] > 3 * lengths[short]
-    model = P.load_backbone(ModelConfig(backbone="tiny"))
-    alone = P.embed_token_ids(model, [rows[short]], batch_size=1)
-    padded = P.embed_token_ids(model, [rows[long], rows[short]], batch_size=2)
+    model = E.load_backbone(ModelConfig(backbone="tiny"))
+    alone = E.embed_token_ids(model, [rows[short]], batch_size=1)
+    padded = E.embed_token_ids(model, [rows[long], rows[short]], batch_size=2)
     np.testing.assert_allclose(padded[1], alone[0], atol=1e-5)
     np.testing.assert_allclose(padded[0], x[long], atol=1e-5)
 
@@ -80,10 +81,10 @@ def test_embeddings_equal_a_direct_mean_pool_and_ignore_padding(example, tiny_mo
 @pytest.mark.usefixtures("one_torch_thread")
 def test_a_checkpoint_dir_backbone_embeds_like_tiny(example, tiny_model_dir):
     records, _, x = example
-    model = P.load_backbone(ModelConfig(backbone=str(tiny_model_dir)))
+    model = E.load_backbone(ModelConfig(backbone=str(tiny_model_dir)))
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
     assert not any("pooler" in name for name, _ in model.named_parameters())
-    got = P.embed_token_ids(model, _token_rows(records)[:40], batch_size=16)
+    got = E.embed_token_ids(model, _token_rows(records)[:40], batch_size=16)
     np.testing.assert_allclose(got, x[:40], atol=1e-5)
 
 
@@ -158,40 +159,40 @@ def test_bad_inputs_are_refused():
 def embedded(ray_session, prepared_example, tmp_path_factory):
     """A private copy of the prepared example and its first embed_table call (computed with Ray Data)."""
     prepared = tmp_path_factory.mktemp("probe") / "prepared"
-    shutil.copytree(prepared_example, prepared, ignore=shutil.ignore_patterns("tokens", P.EMBEDDINGS_DIR))
+    shutil.copytree(prepared_example, prepared, ignore=shutil.ignore_patterns("tokens", E.EMBEDDINGS_DIR))
     config = tiny_test_config(tmp_path_factory.mktemp("probe-runs"))
-    return prepared, config, P.embed_table(prepared, config)
+    return prepared, config, E.embed_table(prepared, config)
 
 
 @pytest.mark.integration
 def test_embed_table_matches_in_process_embeddings(embedded, example):
     prepared, _, table = embedded
     records, _, x = example
-    assert table.schema.field(P.EMBEDDING).type == pa.list_(pa.float32(), 64)
+    assert table.schema.field(E.EMBEDDING).type == pa.list_(pa.float32(), 64)
     assert table.column(C.ID).to_pylist() == records[C.ID].tolist()
     assert table.column(C.LABEL).to_pylist() == records[C.LABEL].tolist()
     assert table.column(C.FOLD).to_pylist() == records[C.FOLD].tolist()
-    np.testing.assert_allclose(P.embedding_matrix(table), x, atol=1e-5)
-    (cache,) = (prepared / P.EMBEDDINGS_DIR).iterdir()  # one complete cache, no temporary directory left
+    np.testing.assert_allclose(E.embedding_matrix(table), x, atol=1e-5)
+    (cache,) = (prepared / E.EMBEDDINGS_DIR).iterdir()  # one complete cache, no temporary directory left
     assert {p.name for p in cache.iterdir()} == {"embeddings.parquet", "_COMPLETE.json"}
 
 
 @pytest.mark.integration
 def test_a_second_call_reads_the_cache(embedded, monkeypatch):
     prepared, config, table = embedded
-    (cache,) = (prepared / P.EMBEDDINGS_DIR).iterdir()
+    (cache,) = (prepared / E.EMBEDDINGS_DIR).iterdir()
     written = (cache / "embeddings.parquet").stat().st_mtime_ns
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("embeddings were computed again")
 
-    monkeypatch.setattr(P, "_embed_with_ray", must_not_run)
-    again = P.embed_table(prepared, config)
+    monkeypatch.setattr(E, "_embed_with_ray", must_not_run)
+    again = E.embed_table(prepared, config)
     assert again.equals(table)
     assert (cache / "embeddings.parquet").stat().st_mtime_ns == written
     # Another pooling is another cache entry.
-    monkeypatch.setattr(P, "probe_settings", lambda m: ("linear", "cls"))
-    assert P.embedding_cache_key(prepared, config, use_gpu=False) != cache.name
+    monkeypatch.setattr(E, "pooling_of", lambda m: "cls")
+    assert E.embedding_cache_key(prepared, config, use_gpu=False) != cache.name
 
 
 @pytest.mark.integration
@@ -217,8 +218,8 @@ def test_probe_fold_fn_returns_what_cv_expects(embedded):
 def test_bf16_gpu_embeddings_and_probe_agree_with_the_cpu(example):
     records, labels, x = example
     device = torch.device("cuda")
-    model = P.load_backbone(ModelConfig(backbone="tiny")).to(device)
-    got = P.embed_token_ids(model, _token_rows(records), 64, device=device, autocast_dtype=torch.bfloat16)
+    model = E.load_backbone(ModelConfig(backbone="tiny")).to(device)
+    got = E.embed_token_ids(model, _token_rows(records), 64, device=device, autocast_dtype=torch.bfloat16)
     cosine = (got * x).sum(axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(x, axis=1)
     assert cosine.min() > 0.99
     train, val = _fold(records, "0")
