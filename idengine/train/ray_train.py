@@ -17,7 +17,6 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ import ray.train
 import ray.train.torch
 import torch
 from ray.data import ExecutionOptions
+from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 
 from idengine import columns as C
@@ -185,14 +185,23 @@ def _fold_run_from_result(result, fold: str, val: pa.Table, start: float) -> Fol
     )
 
 
-def _batches(iterator, batch_size: int, pad_id: int, shuffle_seed: int | None = None):
-    from idengine.data.tokenize import collate
+class _PadCollate(NumpyBatchCollateFn):
+    """Ray Data collate class (a plain function is deprecated since Ray 2.47): pad a numpy batch of token rows."""
 
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        from idengine.data.tokenize import collate
+
+        return collate(batch, pad_id=self.pad_id)
+
+
+def _batches(iterator, batch_size: int, pad_id: int, shuffle_seed: int | None = None):
     kwargs = {}
     if shuffle_seed is not None:
         kwargs = {"local_shuffle_buffer_size": batch_size * 16, "local_shuffle_seed": shuffle_seed}
-    return iterator.iter_torch_batches(batch_size=batch_size, collate_fn=partial(collate, pad_id=pad_id),
-                                       device="cpu", **kwargs)
+    return iterator.iter_torch_batches(batch_size=batch_size, collate_fn=_PadCollate(pad_id), device="cpu", **kwargs)
 
 
 def _persist_locally(checkpoint_dir: Path, run_dir: str, epoch: int) -> ray.train.Checkpoint:
