@@ -94,7 +94,8 @@ def _transformer_fold_fn(config: Config, prepared_dir, labels, out_dir: Path):
     def fit(fold: str) -> dict:
         run = fit_fold(config, tokens, fold, labels.num_classes, id2label, run_name=f"{stamp}-fold{fold}")
         best = run.history[run.best_epoch - 1] if run.best_epoch >= 1 else run.history[-1]
-        return _fold_result(fold, run.val_ids, run.val_labels, run.val_logits, best, run.history, config)
+        result = _fold_result(fold, run.val_ids, run.val_labels, run.val_logits, best, run.history, config)
+        return {**result, "checkpoint": run.checkpoint_path}  # the fold's best adapter + head (Ray Train storage)
 
     return fit
 
@@ -146,8 +147,8 @@ def _write_cv(out_dir: Path, config: Config, results: list[dict], num_classes: i
     tmp = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex[:8]}.tmp")
     (tmp / "folds").mkdir(parents=True)
     monitor = config.train.monitor
-    per_fold = [{k: r[k] for k in ("fold", "best_epoch", "epochs_run", "val", "train", "gap", "seconds")}
-                for r in results]
+    per_fold = [{k: r[k] for k in ("fold", "best_epoch", "epochs_run", "val", "train", "gap", "seconds", "checkpoint")
+                 if k in r} for r in results]
     metrics = {
         "backbone": config.model.backbone,
         "finetune": config.model.finetune,
