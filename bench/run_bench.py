@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peer-open-set-queries", type=int, default=None,
                    help="open-set queries for peers (0: all; default n_folds x --peer-queries-per-fold)")
     p.add_argument("--no-open-set", action="store_true", help="skip the open-set column for every model")
-    p.add_argument("--tiny-open-set", action="store_true", help="also train tiny on all records for the open set")
+    p.add_argument("--tiny-open-set", action="store_true", help="also score the open set with each tiny fold model")
     p.add_argument("--threads", type=int, default=2, help="threads given to BLAST+/VSEARCH")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reuse", action="store_true", help="reuse per-model results already in the work dir")
@@ -197,7 +197,7 @@ def bench_idengine_model(spec: dict) -> dict:
         fit_s = [h[0]["fit_s"] for h in history]
         speed = transformer_throughput(config, prepared)
         note = ("tiny random backbone, frozen; train s = head fit (embedding once, not included); seqs/s = "
-                "backbone forward incl. tokenizing; open set not run")
+                "backbone forward incl. tokenizing")
     else:
         fit_s = [sum(e["seconds"] for e in h) for h in history]
         speed = transformer_throughput(config, prepared)
@@ -208,8 +208,12 @@ def bench_idengine_model(spec: dict) -> dict:
               "folds": metrics["folds"], "train_s_per_fold": _mean_sd(fit_s),
               "fold_wall_s": [f["seconds"] for f in metrics["folds"]], "classify_seqs_per_s": round(speed, 1),
               "cv_dir": str(cv_dir), "load_avg_at_end": os.getloadavg()}
-    if spec["open_set"] and config.model.is_baseline():
-        result["open_set"] = baseline_open_set(config, prepared, cv_dir)
+    if spec["open_set"]:
+        import open_set
+
+        score = (open_set.baseline_open_set if config.model.is_baseline() else
+                 open_set.probe_open_set if model == "probe" else open_set.transformer_open_set)
+        result["open_set"] = score(config, prepared, cv_dir)
     return result
 
 
@@ -259,28 +263,6 @@ def transformer_throughput(config, prepared: Path) -> float:
         logits, _ = predict_logits(model, batches, torch.device("cpu"), None)
     assert logits.shape == (len(val), labels.num_classes)
     return len(val) / (time.perf_counter() - start)
-
-
-def baseline_open_set(config, prepared: Path, cv_dir: Path) -> dict:
-    """Fit on every closed-set record; calibrate + choose the threshold on OOF logits; score unknown species."""
-    from idengine import columns as C
-    from idengine.baselines import fit_baseline
-    from idengine.calibrate import choose_threshold, fit_calibrator
-    from idengine.cv import read_oof
-    from idengine.data.prepare import read_prepared, read_unknown
-
-    _, _, y, logits = read_oof(cv_dir)
-    calibrator = fit_calibrator(logits, y, config.calibrate.method)
-    choice = choose_threshold(calibrator.apply(logits), y, config.calibrate.target_precision)
-    records, labels = read_prepared(prepared)
-    unknown = read_unknown(prepared)
-    model = fit_baseline(config.model.backbone, records[C.SEQUENCE].to_numpy(), records[C.LABEL].to_numpy(),
-                         labels.num_classes, k=config.model.kmer, seed=config.train.seed)
-    probs = calibrator.apply(model.logits(unknown[C.SEQUENCE].to_numpy()))
-    return {"n": int(len(unknown)), "overclassified": float((probs.max(axis=1) >= choice.threshold).mean()),
-            "threshold": choice.threshold, "oof_coverage_at_threshold": choice.coverage,
-            "target_precision": choice.target, "calibration": calibrator.to_dict(),
-            "cutoff": f"calibrated p >= {choice.threshold:.3f} (OOF precision {choice.target:g})"}
 
 
 def machine_info() -> dict:

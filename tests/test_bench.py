@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,3 +111,26 @@ def test_top_label_ece_matches_idengine():
     y = rng.integers(0, 4, size=200)
     ours = peers.top_label_ece(probs.max(axis=1), probs.argmax(axis=1) == y)
     assert ours == pytest.approx(expected_calibration_error(y, probs), abs=1e-12)
+
+
+@pytest.mark.integration
+def test_probe_and_transformer_rows_with_open_set(tmp_path):
+    """probe and tiny (1 epoch) each fill the open-set column: the probe refitted on all records, the transformer
+    from each fold's checkpoint; both are rates of the example's set-aside species."""
+    run = run_cli(tmp_path, ["probe", "tiny", "--epochs", "1", "--tiny-open-set"], timeout=900)
+    rows = {r["name"]: r for r in run["json"]["rows"]}
+    unknown = pd.read_parquet(run["work"] / "prepared" / "unknown.parquet")
+    for name in ("probe", "tiny"):
+        row = rows[name]
+        assert row["status"] == "ok", row
+        assert row["open_set"]["n"] == len(unknown) > 0
+        assert 0.0 <= row["open_set"]["overclassified"] <= 1.0
+        if row["open_set"]["reachable"]:
+            assert 0.0 < row["open_set"]["threshold"] <= 1.0
+        else:  # too little training to reach the OOF precision target: nothing may be called
+            assert row["open_set"]["threshold"] > 1.0 and row["open_set"]["overclassified"] == 0.0
+    per_fold = rows["tiny"]["open_set"]["overclassified_per_fold"]
+    assert len(per_fold) == len(rows["tiny"]["folds"]) == 5
+    assert rows["tiny"]["open_set"]["overclassified"] == pytest.approx(sum(per_fold) / len(per_fold))
+    md_rows = [line for line in run["md"].splitlines() if line.startswith(("| probe", "| tiny"))]
+    assert len(md_rows) == 2 and all(line.split("|")[8].strip() not in ("", "–") for line in md_rows)

@@ -1,0 +1,105 @@
+"""Open-set rows of the benchmark: how often each idengine model calls a species that is not in the reference.
+
+Queries are the records of species set aside by the minimum (`prepared/unknown.parquet`). The species threshold is
+chosen as `idengine train` does: temperature-calibrated out-of-fold logits, the lowest confidence whose OOF precision
+reaches `calibrate.target_precision`. Baselines and the probe are refitted on every closed-set record; the transformer
+reuses each fold's best checkpoint (no extra training) and reports the mean over folds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger("bench")
+
+
+def open_set_row(config, cv_dir: Path, unknown_logits_fn) -> dict:
+    """Calibrate + choose the threshold on OOF logits (as `idengine train`); the share of unknown species called."""
+    from idengine.calibrate import choose_threshold, fit_calibrator
+    from idengine.cv import read_oof
+
+    _, _, y, logits = read_oof(cv_dir)
+    calibrator = fit_calibrator(logits, y, config.calibrate.method)
+    choice = choose_threshold(calibrator.apply(logits), y, config.calibrate.target_precision)
+    probs = calibrator.apply(unknown_logits_fn())
+    cutoff = (f"calibrated p >= {choice.threshold:.3f} (OOF precision {choice.target:g})" if choice.reachable else
+              f"no threshold reaches OOF precision {choice.target:g} (best {choice.achieved_precision:.3f}): "
+              "no species calls")
+    return {"n": int(len(probs)), "overclassified": float((probs.max(axis=1) >= choice.threshold).mean()),
+            "threshold": choice.threshold, "reachable": choice.reachable,
+            "oof_coverage_at_threshold": choice.coverage, "target_precision": choice.target,
+            "calibration": calibrator.to_dict(), "cutoff": cutoff}
+
+
+def baseline_open_set(config, prepared: Path, cv_dir: Path) -> dict:
+    """A baseline fitted on every closed-set record scores the unknown species."""
+    from idengine import columns as C
+    from idengine.baselines import fit_baseline
+    from idengine.data.prepare import read_prepared, read_unknown
+
+    def unknown_logits():
+        records, labels = read_prepared(prepared)
+        model = fit_baseline(config.model.backbone, records[C.SEQUENCE].to_numpy(), records[C.LABEL].to_numpy(),
+                             labels.num_classes, k=config.model.kmer, seed=config.train.seed)
+        return model.logits(read_unknown(prepared)[C.SEQUENCE].to_numpy())
+
+    return open_set_row(config, cv_dir, unknown_logits)
+
+
+def probe_open_set(config, prepared: Path, cv_dir: Path) -> dict:
+    """A probe fitted on every closed-set record's cached embedding scores the unknown species' embeddings."""
+    from idengine import columns as C
+    from idengine.data.prepare import read_prepared, read_unknown
+    from idengine.data.tokenize import load_tokenizer, tokenize_batch
+    from idengine.embed import embed_table, embed_token_ids, embedding_matrix, load_backbone, pooling_of
+    from idengine.probe import fit_probe, probe_settings
+
+    def unknown_logits():
+        import pandas as pd
+
+        records, labels = read_prepared(prepared)
+        table = embed_table(prepared, config)  # the cv run's cache
+        x = embedding_matrix(table)[pd.Index(table.column(C.ID).to_pylist()).get_indexer(records[C.ID])]
+        probe = fit_probe(probe_settings(config.model)[0], x, records[C.LABEL].to_numpy(), labels.num_classes,
+                          seed=config.train.seed, groups=records[C.GROUP].to_numpy())
+        tokens = tokenize_batch({C.SEQUENCE: read_unknown(prepared)[C.SEQUENCE].to_numpy()},
+                                load_tokenizer(config.model.backbone), config.model.max_tokens)
+        embedded = embed_token_ids(load_backbone(config.model), list(tokens[C.INPUT_IDS]), config.predict.batch_size,
+                                   pooling_of(config.model))
+        return probe.logits(embedded)
+
+    return open_set_row(config, cv_dir, unknown_logits)
+
+
+def transformer_open_set(config, prepared: Path, cv_dir: Path) -> dict:
+    """Each fold's best checkpoint scores the unknown species; the row is the mean over folds (no extra training)."""
+    import numpy as np
+    import torch
+
+    from idengine import columns as C
+    from idengine.data.prepare import read_prepared, read_unknown
+    from idengine.data.tokenize import collate, load_tokenizer, tokenize_batch
+    from idengine.final import read_checkpoint_weights
+    from idengine.model import build_model, load_trainable_state
+    from idengine.train.loop import predict_logits
+
+    _, labels = read_prepared(prepared)
+    tokenizer, size = load_tokenizer(config.model.backbone), config.predict.batch_size
+    tokens = tokenize_batch({C.SEQUENCE: read_unknown(prepared)[C.SEQUENCE].to_numpy()}, tokenizer,
+                            config.model.max_tokens)[C.INPUT_IDS]
+    order = np.argsort([-len(t) for t in tokens], kind="stable")  # length-sorted batches pad little
+    rows = []
+    for fold in json.loads((cv_dir / "metrics.json").read_text())["folds"]:
+        model = build_model(config.model, config.lora, labels.num_classes, dict(enumerate(labels.species)))
+        load_trainable_state(model, read_checkpoint_weights(fold["checkpoint"]))
+        batches = (collate({C.INPUT_IDS: tokens[order[i:i + size]]}, tokenizer.pad_token_id)
+                   for i in range(0, len(order), size))
+        with torch.inference_mode():
+            logits, _ = predict_logits(model.eval(), batches, torch.device("cpu"), None)
+        rows.append(open_set_row(config, cv_dir, lambda: logits))  # row order does not matter to the rate
+        log.info("open set, fold %s model: %.3f over-classified", fold["fold"], rows[-1]["overclassified"])
+    return {**rows[0], "overclassified": float(np.mean([r["overclassified"] for r in rows])),
+            "overclassified_per_fold": [r["overclassified"] for r in rows],
+            "cutoff": rows[0]["cutoff"] + "; each fold's model, mean over folds"}
