@@ -12,7 +12,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir holds the idengine package
 
-from idengine.cli import init_ray  # noqa: E402
 from idengine.config import load_config  # noqa: E402
 from idengine.data.prepare import prepare_dataset  # noqa: E402
 

@@ -35,7 +35,6 @@ def run_cli(tmp: Path, models: list[str], folds_file: Path | None = None, timeou
 def bench_run(tmp_path_factory):
     """kmer-nb on examples/12s-fish-mini with a fold file, no peers."""
     tmp = tmp_path_factory.mktemp("bench")
-    work = tmp / "work"
     # A fold file: the example's computed folds, written as id,fold (what protocol-folds.csv is for 12s-fish).
     from idengine.config import load_config
     from idengine.data.prepare import build_prepared

@@ -11,7 +11,7 @@ import pytest
 
 from idengine import columns as C
 from idengine.calibrate import assign_calls
-from idengine.config import Config, load_config
+from idengine.config import load_config
 from idengine.data.splits import LabelSpace
 from idengine.final import calls_summary, final_epochs
 

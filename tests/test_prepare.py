@@ -91,7 +91,7 @@ def test_report_adds_up(prepared):
 def messy_inputs(tmp: Path) -> tuple[Path, Path, dict[str, str], list[tuple[str, str]]]:
     """The real sample as users send it: CRLF, BOM, wrapped lines, lower case, RNA, gaps, and broken records."""
     records = sample_records()
-    out, expected = [], {}
+    out = []
     for i, (rid, seq) in enumerate(records):
         form = seq
         if i % 7 == 1:

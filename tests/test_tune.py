@@ -1,7 +1,6 @@
 """Tune: search-space conversion and trial concurrency (no Ray), then real experiments (integration)."""
 
 import pytest
-from conftest import tiny_test_config
 from ray import tune as ray_tune
 
 from idengine.config import load_config

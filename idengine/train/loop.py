@@ -27,7 +27,7 @@ from idengine.columns import INPUT_IDS, LABEL
 from idengine.config import TrainConfig
 from idengine.data.tokenize import PAD_ID, collate
 from idengine.model import load_trainable_state, trainable_state_dict, unwrap
-from idengine.train.checkpoint import CHECKPOINT_FILES, FoldState, load_checkpoint, save_checkpoint  # noqa: F401
+from idengine.train.checkpoint import FoldState, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
