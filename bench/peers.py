@@ -38,8 +38,9 @@ NOTES = [
     "species have 0-1 queries, so a peer's macro F1 is not comparable with one computed on whole folds. Top-5 = the true species among the first "
     "5 distinct species of the ranked hits. SINTAX: top-1 is its top species whatever its confidence, ECE is of "
     "that bootstrap confidence; open set = species confidence >= 0.8. BLAST/VSEARCH: open set = any hit >= 97%.",
-    "Open set for idengine models: fitted on every closed-set record, temperature-calibrated on out-of-fold "
-    "logits, species call when p >= the lowest threshold with OOF precision 0.95 (as `idengine train`).",
+    "Open set for idengine models: temperature-calibrated on out-of-fold logits, species call when p >= the "
+    "lowest threshold with OOF precision 0.95 (as `idengine train`); k-mer baselines and the probe are refitted "
+    "on every closed-set record, the transformer is each fold's best checkpoint (mean over the 5 fold models).",
     "Peak MiB: peak RSS of the process that did the work (the tool, or the model's child process).",
 ]
 
