@@ -327,8 +327,10 @@ def render_markdown(report: dict) -> str:
     lines += ["", "Metrics are mean ± sd over folds; `–` = not defined for that tool or not measured.", "", "Notes:"]
     for row in report["rows"]:
         parts = [row["note"]] if row.get("note") else []
-        if row.get("open_set", {}).get("n") and "open set:" not in row.get("note", ""):
-            parts.append(f"open set: {row['open_set']['n']} queries")
+        open_set = row.get("open_set", {})
+        if open_set.get("n") and "open set:" not in row.get("note", ""):
+            parts.append(f"open set: {open_set['n']} queries" + (f", {open_set['cutoff']}" if "cutoff" in open_set
+                                                                  else ""))
         if parts:
             lines.append(f"- {row['name']}: {'; '.join(parts)}")
     lines += [f"- {note}" for note in report["notes"]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -47,6 +48,9 @@ def bench_run(tmp_path_factory):
 
 
 def test_table_has_every_column_and_row(bench_run):
+    # The row's note gives the open-set cutoff the model chose (or that none reached the precision target).
+    assert re.search(r"^- kmer-nb: .*open set: \d+ queries, (calibrated p >= [0-9.]+|no threshold reaches)",
+                     bench_run["md"], re.MULTILINE)
     lines = bench_run["md"].splitlines()
     header = next(line for line in lines if line.startswith("| model"))
     assert [c.strip() for c in header.strip("|").split("|")] == HEADER
