@@ -25,7 +25,8 @@ from idengine.report_plots import Page, before_after_pairs, details, flatten, me
 
 logger = logging.getLogger(__name__)
 
-FILES_DIR = "report_files"
+FILES_SUFFIX = "_files"
+"""The PNGs go to <page stem>_files/ beside the page (report.html -> report_files/), as a browser saves a page."""
 TOP_CONFUSED = 15
 """Most confused (true, predicted) species pairs listed."""
 EXPECTED = ("prepare_report.json (prepare), metrics.json with per-fold results (cv), trials.csv (tune), "
@@ -355,7 +356,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, label_map: 
 
     Args:
         run_dir: A directory written by `idengine prepare`, `cv`, `tune` or `train` (or several of them).
-        out: The HTML file; default run_dir/report.html. The PNGs are also written to report_files/ beside it.
+        out: The HTML file; default run_dir/report.html. The PNGs are also written to
+            <stem>_files/ beside it (report_files/ for report.html), so two pages in one folder keep theirs.
         label_map: label_map.json (or the prepared directory holding it) naming a cv run's species; by default
             one with the right number of labels is looked for in run_dir, its parents and their subdirectories.
 
@@ -375,8 +377,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, label_map: 
         raise ValueError(f"{run_dir}: not a run directory: expected {EXPECTED}; found {found}")
     out = Path(out) if out is not None else run_dir / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
-    page = Page(out.parent / FILES_DIR)
-    files = sorted(p.name for p in run_dir.iterdir() if p.name not in (out.name, FILES_DIR))
+    page = Page(out.with_name(out.stem + FILES_SUFFIX))
+    files = sorted(p.name for p in run_dir.iterdir() if p.name not in (out.name, page.files_dir.name))
     page.add("overview", "Overview", table(("", ""), [
         ("run directory", str(run_dir.resolve())), ("kind", ", ".join(kinds)),
         ("written", datetime.datetime.now().isoformat(timespec="seconds")), ("files", ", ".join(files))]))

@@ -197,7 +197,7 @@ def test_text_is_escaped_and_label_map_argument_is_used(runs, tmp_path):
     (tmp_path / C.LABEL_MAP_FILE).write_text(json.dumps(labels))
     text, _ = _report(runs["cv"], out=tmp_path / "r.html", label_map=tmp_path)
     assert "<script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co" in text
-    assert (tmp_path / "report_files" / "pr_curves.png").exists()
+    assert (tmp_path / "r_files" / "pr_curves.png").exists()  # named after the page: two pages keep their own
 
 
 def test_images_are_embedded_and_written_beside_the_page(cv_page):
