@@ -329,8 +329,12 @@ def render_markdown(report: dict) -> str:
         parts = [row["note"]] if row.get("note") else []
         open_set = row.get("open_set", {})
         if open_set.get("n") and "open set:" not in row.get("note", ""):
-            parts.append(f"open set: {open_set['n']} queries" + (f", {open_set['cutoff']}" if "cutoff" in open_set
-                                                                  else ""))
+            text = f"open set: {open_set['n']} queries"
+            if "cutoff" in open_set:
+                text += f", {open_set['cutoff']}"
+            if open_set.get("reachable", True) and "oof_coverage_at_threshold" in open_set:
+                text += f", which calls {open_set['oof_coverage_at_threshold']:.1%} of known-species records (OOF)"
+            parts.append(text)
         if parts:
             lines.append(f"- {row['name']}: {'; '.join(parts)}")
     lines += [f"- {note}" for note in report["notes"]]
