@@ -17,8 +17,8 @@ from fixtures_tiny import labelled_tokens, nt_tokenizer, one_torch_thread, recor
 from idengine.config import LoraSettings, ModelConfig, TrainConfig
 from idengine.data.tokenize import PAD_ID, collate
 from idengine.model import build_model, trainable_state_dict
+from idengine.train.checkpoint import CHECKPOINT_FILES
 from idengine.train.loop import (
-    CHECKPOINT_FILES,
     build_optimizer,
     build_scheduler,
     class_weights,
