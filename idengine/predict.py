@@ -332,7 +332,7 @@ def _predict_batches(ds: ray.data.Dataset, model_dir: Path, cfg: PredictConfig, 
                                "batch_size": cfg.batch_size, "files": None if files is None else ray.put(files)},
         batch_size=cfg.batch_size * BATCHES_PER_CALL,
         batch_format="pandas",
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),  # `concurrency=` is deprecated since Ray 2.51
         num_gpus=1 if use_gpu else None,
     )
 

@@ -104,7 +104,7 @@ def _tokenize_with_ray(records_path: Path, config: Config) -> pa.Table:
         },
         batch_size=1024,
         batch_format="numpy",
-        concurrency=(1, max(1, int(cpus))),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(cpus))),  # not `concurrency=` (Ray 2.51)
         num_cpus=0.5,  # leaves room for the driver on a 2-core machine (FACTS: Ray Data starved of CPU hangs)
     )
     table = pa.concat_tables([pa.Table.from_pandas(df, preserve_index=False) if not isinstance(df, pa.Table) else df
