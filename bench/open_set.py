@@ -15,14 +15,19 @@ from pathlib import Path
 log = logging.getLogger("bench")
 
 
-def open_set_row(config, cv_dir: Path, unknown_logits_fn) -> dict:
-    """Calibrate + choose the threshold on OOF logits (as `idengine train`); the share of unknown species called."""
+def oof_cutoff(config, cv_dir: Path):
+    """Calibrator and species threshold from the cv run's out-of-fold logits (as `idengine train`)."""
     from idengine.calibrate import choose_threshold, fit_calibrator
     from idengine.cv import read_oof
 
     _, _, y, logits = read_oof(cv_dir)
     calibrator = fit_calibrator(logits, y, config.calibrate.method)
-    choice = choose_threshold(calibrator.apply(logits), y, config.calibrate.target_precision)
+    return calibrator, choose_threshold(calibrator.apply(logits), y, config.calibrate.target_precision)
+
+
+def open_set_row(config, cv_dir: Path, unknown_logits_fn, cutoff_fit=None) -> dict:
+    """The share of unknown species called at the OOF cutoff (`cutoff_fit` = an `oof_cutoff` result, else fitted)."""
+    calibrator, choice = cutoff_fit or oof_cutoff(config, cv_dir)
     probs = calibrator.apply(unknown_logits_fn())
     cutoff = (f"calibrated p >= {choice.threshold:.3f} (OOF precision {choice.target:g})" if choice.reachable else
               f"no threshold reaches OOF precision {choice.target:g} (best {choice.achieved_precision:.3f}): "
@@ -53,21 +58,18 @@ def probe_open_set(config, prepared: Path, cv_dir: Path) -> dict:
     from idengine import columns as C
     from idengine.data.prepare import read_prepared, read_unknown
     from idengine.data.tokenize import load_tokenizer, tokenize_batch
-    from idengine.embed import embed_table, embed_token_ids, embedding_matrix, load_backbone, pooling_of
-    from idengine.probe import fit_probe, probe_settings
+    from idengine.embed import embed_token_ids, load_backbone
+    from idengine.probe import fit_probe, record_embeddings
 
     def unknown_logits():
-        import pandas as pd
-
         records, labels = read_prepared(prepared)
-        table = embed_table(prepared, config)  # the cv run's cache
-        x = embedding_matrix(table)[pd.Index(table.column(C.ID).to_pylist()).get_indexer(records[C.ID])]
-        probe = fit_probe(probe_settings(config.model)[0], x, records[C.LABEL].to_numpy(), labels.num_classes,
+        x = record_embeddings(prepared, config, records)  # the cv run's cache
+        probe = fit_probe(config.model.probe_head, x, records[C.LABEL].to_numpy(), labels.num_classes,
                           seed=config.train.seed, groups=records[C.GROUP].to_numpy())
         tokens = tokenize_batch({C.SEQUENCE: read_unknown(prepared)[C.SEQUENCE].to_numpy()},
                                 load_tokenizer(config.model.backbone), config.model.max_tokens)
         embedded = embed_token_ids(load_backbone(config.model), list(tokens[C.INPUT_IDS]), config.predict.batch_size,
-                                   pooling_of(config.model))
+                                   config.model.pooling)
         return probe.logits(embedded)
 
     return open_set_row(config, cv_dir, unknown_logits)
@@ -90,6 +92,7 @@ def transformer_open_set(config, prepared: Path, cv_dir: Path) -> dict:
     tokens = tokenize_batch({C.SEQUENCE: read_unknown(prepared)[C.SEQUENCE].to_numpy()}, tokenizer,
                             config.model.max_tokens)[C.INPUT_IDS]
     order = np.argsort([-len(t) for t in tokens], kind="stable")  # length-sorted batches pad little
+    cutoff_fit = oof_cutoff(config, cv_dir)  # one OOF set for all fold models
     rows = []
     for fold in json.loads((cv_dir / "metrics.json").read_text())["folds"]:
         model = build_model(config.model, config.lora, labels.num_classes, dict(enumerate(labels.species)))
@@ -98,7 +101,7 @@ def transformer_open_set(config, prepared: Path, cv_dir: Path) -> dict:
                    for i in range(0, len(order), size))
         with torch.inference_mode():
             logits, _ = predict_logits(model.eval(), batches, torch.device("cpu"), None)
-        rows.append(open_set_row(config, cv_dir, lambda: logits))  # row order does not matter to the rate
+        rows.append(open_set_row(config, cv_dir, lambda: logits, cutoff_fit))  # row order does not matter to the rate
         log.info("open set, fold %s model: %.3f over-classified", fold["fold"], rows[-1]["overclassified"])
     return {**rows[0], "overclassified": float(np.mean([r["overclassified"] for r in rows])),
             "overclassified_per_fold": [r["overclassified"] for r in rows],

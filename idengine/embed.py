@@ -27,19 +27,10 @@ log = logging.getLogger(__name__)
 
 EMBEDDING = "embedding"
 EMBEDDINGS_DIR = "embeddings"
-POOLINGS = ("mean", "cls")
 CACHE_VERSION = 1  # bump when the embedding computation changes, so old caches are not read
 ROWS_PER_CALL = 512
 """Records per Ray Data block / actor call; each call runs forwards of `predict.batch_size` length-sorted rows."""
 _DONE = "_COMPLETE.json"
-
-
-def pooling_of(model_cfg: ModelConfig) -> str:
-    """`model.pooling` (mean when the config has none), checked."""
-    pooling = getattr(model_cfg, "pooling", "mean")
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
-    return pooling
 
 
 def load_backbone(model_cfg: ModelConfig) -> nn.Module:
@@ -139,7 +130,7 @@ def embedding_cache_key(prepared_dir: str | Path, config: Config, use_gpu: bool)
             log.warning("backbone %s has no pinned revision: its embedding cache cannot see a new upload", m.backbone)
     precision = f"gpu-{config.train.precision}" if use_gpu else "cpu-fp32"
     parts = [cache_key(Path(prepared_dir) / C.RECORDS_FILE, config),
-             m.backbone, weights, str(m.revision), pooling_of(m), precision, str(CACHE_VERSION)]
+             m.backbone, weights, str(m.revision), m.pooling, precision, str(CACHE_VERSION)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -170,7 +161,7 @@ def embed_table(prepared_dir: str | Path, config: Config) -> pa.Table:
     table = pa.table({C.ID: tokens.column(C.ID), C.LABEL: tokens.column(C.LABEL), C.FOLD: tokens.column(C.FOLD),
                       EMBEDDING: vectors})
     meta = {"rows": table.num_rows, "dim": vectors.type.list_size, "backbone": config.model.backbone,
-            "revision": config.model.revision, "pooling": pooling_of(config.model), "gpu": use_gpu,
+            "revision": config.model.revision, "pooling": config.model.pooling, "gpu": use_gpu,
             "seconds": round(seconds, 2), "seqs_per_s": round(table.num_rows / max(seconds, 1e-9), 1)}
     write_parquet_cache(table, cache_dir, "embeddings.parquet", meta)
     log.info("embedded %d records with %s in %.1f s (%.0f seqs/s, Ray start-up included) -> %s",
@@ -191,7 +182,7 @@ def _embed_with_ray(tokens: pa.Table, config: Config) -> pa.FixedSizeListArray:
     log.info("embedding %d records on %d actor(s)%s", tokens.num_rows, actors, " with 1 GPU each" if use_gpu else "")
     ds = ray.data.from_arrow(blocks).map_batches(
         EmbedBatch,
-        fn_constructor_kwargs={"config": config_to_dict(config), "pooling": pooling_of(config.model),
+        fn_constructor_kwargs={"config": config_to_dict(config), "pooling": config.model.pooling,
                                "threads": threads},
         batch_size=ROWS_PER_CALL,
         batch_format="numpy",

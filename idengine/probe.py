@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from idengine import columns as C
-from idengine.config import Config, ModelConfig
-from idengine.embed import EMBEDDINGS_DIR, embed_table, embedding_matrix, pooling_of
+from idengine.config import Config
+from idengine.embed import EMBEDDINGS_DIR, embed_table, embedding_matrix
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +36,18 @@ NO_HOLDOUT_EPOCHS = 50
 """mlp: epochs trained when the fold is too small to hold anything out."""
 
 
-def probe_settings(model_cfg: ModelConfig) -> tuple[str, str]:
-    """(head kind, pooling) of the config: `model.probe_head` (linear) and `model.pooling` (mean) when present."""
-    kind = getattr(model_cfg, "probe_head", "linear")
-    if kind not in PROBE_KINDS:
-        raise ValueError(f"probe head must be one of {PROBE_KINDS}, not {kind!r}")
-    return kind, pooling_of(model_cfg)
+def record_embeddings(prepared_dir: str | Path, config: Config, records: pd.DataFrame) -> np.ndarray:
+    """(len(records), hidden) embeddings of `records` (rows of the prepared directory), in their order.
+
+    Raises:
+        ValueError: the embedding cache lacks some of the records.
+    """
+    table = embed_table(prepared_dir, config)
+    position = pd.Index(table.column(C.ID).to_pylist()).get_indexer(records[C.ID])
+    if (position < 0).any():
+        raise ValueError(f"{prepared_dir}: embeddings lack {int((position < 0).sum())} records; delete "
+                         f"{Path(prepared_dir) / EMBEDDINGS_DIR} and run again")
+    return embedding_matrix(table)[position]
 
 
 @dataclass
@@ -216,13 +222,7 @@ def probe_fold_fn(config: Config, prepared_dir: str | Path, records: pd.DataFram
     from idengine.cv import _fold_result
     from idengine.metrics import classification_metrics, softmax
 
-    table = embed_table(prepared_dir, config)
-    position = pd.Index(table.column(C.ID).to_pylist()).get_indexer(records[C.ID])
-    if (position < 0).any():
-        raise ValueError(f"{prepared_dir}: embeddings lack {int((position < 0).sum())} records; delete "
-                         f"{Path(prepared_dir) / EMBEDDINGS_DIR} and run again")
-    x = embedding_matrix(table)[position]
-    kind = probe_settings(config.model)[0]
+    x, kind = record_embeddings(prepared_dir, config, records), config.model.probe_head
     folds, y = records[C.FOLD].to_numpy(), records[C.LABEL].to_numpy()
     groups = records[C.GROUP].to_numpy() if C.GROUP in records else None
 

@@ -14,7 +14,7 @@ from conftest import tiny_test_config
 from idengine import columns as C
 from idengine import embed as E
 from idengine import probe as P
-from idengine.config import ModelConfig
+from idengine.config import ModelConfig, with_values
 from idengine.data.prepare import read_prepared
 from idengine.data.tokenize import nt_token_ids
 from idengine.metrics import classification_metrics, softmax
@@ -191,13 +191,12 @@ def test_a_second_call_reads_the_cache(embedded, monkeypatch):
     assert again.equals(table)
     assert (cache / "embeddings.parquet").stat().st_mtime_ns == written
     # Another pooling is another cache entry.
-    monkeypatch.setattr(E, "pooling_of", lambda m: "cls")
-    assert E.embedding_cache_key(prepared, config, use_gpu=False) != cache.name
+    cls = with_values(config, {"model.pooling": "cls"})
+    assert E.embedding_cache_key(prepared, cls, use_gpu=False) != cache.name
 
 
 @pytest.mark.integration
 def test_probe_fold_fn_returns_what_cv_expects(embedded):
-    from idengine.config import with_values
     from idengine.cv import _baseline_fold_fn
 
     prepared, config, _ = embedded
