@@ -43,9 +43,9 @@ def load_records() -> pd.DataFrame:
 
 
 def measure(kind: str, fold: int, k: int, sgd_alpha: float | None) -> dict:
-    from idengine import baselines
-    from idengine.baselines import fit_baseline
-    from idengine.metrics import classification_metrics, softmax
+    from idengine.models import kmer as baselines
+    from idengine.models.kmer import fit_kmer_model
+    from idengine.evaluate.metrics import classification_metrics, softmax
 
     if sgd_alpha is not None:  # exploration only: the package's value is baselines.SGD_ALPHA
         baselines.SGD_ALPHA = sgd_alpha
@@ -53,7 +53,7 @@ def measure(kind: str, fold: int, k: int, sgd_alpha: float | None) -> dict:
     num_classes = int(df["label"].max()) + 1
     train, val = df[df["fold"] != fold], df[df["fold"] == fold]
     wall, cpu = time.perf_counter(), time.process_time()
-    model = fit_baseline(kind, train["sequence"].to_numpy(), train["label"].to_numpy(), num_classes, k=k)
+    model = fit_kmer_model(kind, train["sequence"].to_numpy(), train["label"].to_numpy(), num_classes, k=k)
     fit_s, fit_cpu_s = time.perf_counter() - wall, time.process_time() - cpu
     wall, cpu = time.perf_counter(), time.process_time()
     logits = model.logits(val["sequence"].to_numpy()).astype(np.float64)

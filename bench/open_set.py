@@ -17,8 +17,8 @@ log = logging.getLogger("bench")
 
 def oof_cutoff(config, cv_dir: Path):
     """Calibrator and species threshold from the cv run's out-of-fold logits (as `idengine train`)."""
-    from idengine.calibrate import choose_threshold, fit_calibrator
-    from idengine.cv import read_oof
+    from idengine.evaluate.calibrate import choose_threshold, fit_calibrator
+    from idengine.evaluate.oof import read_oof
 
     _, _, y, logits = read_oof(cv_dir)
     calibrator = fit_calibrator(logits, y, config.calibrate.method)
@@ -38,15 +38,15 @@ def open_set_row(config, cv_dir: Path, unknown_logits_fn, cutoff_fit=None) -> di
             "calibration": calibrator.to_dict(), "cutoff": cutoff}
 
 
-def baseline_open_set(config, prepared: Path, cv_dir: Path) -> dict:
-    """A baseline fitted on every closed-set record scores the unknown species."""
-    from idengine import columns as C
-    from idengine.baselines import fit_baseline
-    from idengine.data.prepare import read_prepared, read_unknown
+def kmer_open_set(config, prepared: Path, cv_dir: Path) -> dict:
+    """A k-mer model fitted on every closed-set record scores the unknown species."""
+    from idengine import layout as C
+    from idengine.models.kmer import fit_kmer_model
+    from idengine.data.prepared import read_prepared, read_unknown
 
     def unknown_logits():
         records, labels = read_prepared(prepared)
-        model = fit_baseline(config.model.backbone, records[C.SEQUENCE].to_numpy(), records[C.LABEL].to_numpy(),
+        model = fit_kmer_model(config.model.kind, records[C.SEQUENCE].to_numpy(), records[C.LABEL].to_numpy(),
                              labels.num_classes, k=config.model.kmer, seed=config.train.seed)
         return model.logits(read_unknown(prepared)[C.SEQUENCE].to_numpy())
 
@@ -55,11 +55,13 @@ def baseline_open_set(config, prepared: Path, cv_dir: Path) -> dict:
 
 def probe_open_set(config, prepared: Path, cv_dir: Path) -> dict:
     """A probe fitted on every closed-set record's cached embedding scores the unknown species' embeddings."""
-    from idengine import columns as C
-    from idengine.data.prepare import read_prepared, read_unknown
+    from idengine import layout as C
+    from idengine.data.prepared import read_prepared, read_unknown
     from idengine.data.tokenize import load_tokenizer, tokenize_batch
-    from idengine.embed import embed_token_ids, load_backbone
-    from idengine.probe import fit_probe, record_embeddings
+    from idengine.features.embeddings import record_embeddings
+    from idengine.models.inference import embed_rows
+    from idengine.models.probe import fit_probe
+    from idengine.models.transformer import load_backbone
 
     def unknown_logits():
         records, labels = read_prepared(prepared)
@@ -68,8 +70,8 @@ def probe_open_set(config, prepared: Path, cv_dir: Path) -> dict:
                           seed=config.train.seed, groups=records[C.GROUP].to_numpy())
         tokens = tokenize_batch({C.SEQUENCE: read_unknown(prepared)[C.SEQUENCE].to_numpy()},
                                 load_tokenizer(config.model.backbone), config.model.max_tokens)
-        embedded = embed_token_ids(load_backbone(config.model), list(tokens[C.INPUT_IDS]), config.predict.batch_size,
-                                   config.model.pooling)
+        embedded = embed_rows(load_backbone(config.model), list(tokens[C.INPUT_IDS]), config.predict.batch_size,
+                              config.model.pooling)
         return probe.logits(embedded)
 
     return open_set_row(config, cv_dir, unknown_logits)
@@ -78,30 +80,24 @@ def probe_open_set(config, prepared: Path, cv_dir: Path) -> dict:
 def transformer_open_set(config, prepared: Path, cv_dir: Path) -> dict:
     """Each fold's best checkpoint scores the unknown species; the row is the mean over folds (no extra training)."""
     import numpy as np
-    import torch
 
-    from idengine import columns as C
-    from idengine.data.prepare import read_prepared, read_unknown
-    from idengine.data.tokenize import collate, load_tokenizer, tokenize_batch
-    from idengine.final import read_checkpoint_weights
-    from idengine.model import build_model, load_trainable_state
-    from idengine.train.loop import predict_logits
+    from idengine import layout as C
+    from idengine.data.prepared import read_prepared, read_unknown
+    from idengine.data.tokenize import load_tokenizer, tokenize_batch
+    from idengine.models.inference import classifier_logits
+    from idengine.models.transformer import build_model, load_trainable_state
+    from idengine.train.checkpoint import read_best_weights
 
     _, labels = read_prepared(prepared)
-    tokenizer, size = load_tokenizer(config.model.backbone), config.predict.batch_size
-    tokens = tokenize_batch({C.SEQUENCE: read_unknown(prepared)[C.SEQUENCE].to_numpy()}, tokenizer,
-                            config.model.max_tokens)[C.INPUT_IDS]
-    order = np.argsort([-len(t) for t in tokens], kind="stable")  # length-sorted batches pad little
+    tokens = tokenize_batch({C.SEQUENCE: read_unknown(prepared)[C.SEQUENCE].to_numpy()},
+                            load_tokenizer(config.model.backbone), config.model.max_tokens)[C.INPUT_IDS]
     cutoff_fit = oof_cutoff(config, cv_dir)  # one OOF set for all fold models
     rows = []
     for fold in json.loads((cv_dir / "metrics.json").read_text())["folds"]:
         model = build_model(config.model, config.lora, labels.num_classes, dict(enumerate(labels.species)))
-        load_trainable_state(model, read_checkpoint_weights(fold["checkpoint"]))
-        batches = (collate({C.INPUT_IDS: tokens[order[i:i + size]]}, tokenizer.pad_token_id)
-                   for i in range(0, len(order), size))
-        with torch.inference_mode():
-            logits, _ = predict_logits(model.eval(), batches, torch.device("cpu"), None)
-        rows.append(open_set_row(config, cv_dir, lambda: logits, cutoff_fit))  # row order does not matter to the rate
+        load_trainable_state(model, read_best_weights(fold["checkpoint"]))
+        logits = classifier_logits(model.eval(), list(tokens), config.predict.batch_size)
+        rows.append(open_set_row(config, cv_dir, lambda: logits, cutoff_fit))
         log.info("open set, fold %s model: %.3f over-classified", fold["fold"], rows[-1]["overclassified"])
     return {**rows[0], "overclassified": float(np.mean([r["overclassified"] for r in rows])),
             "overclassified_per_fold": [r["overclassified"] for r in rows],

@@ -178,7 +178,7 @@ def sample_rows(table: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
 def run_peer(peer: str, records: pd.DataFrame, unknown: pd.DataFrame, work: Path, per_fold: int, threads: int,
              seed: int, open_queries: int | None) -> dict:
     """Every fold (reference = training folds, queries = a validation sample), then the open set."""
-    from idengine.metrics import summarise_folds
+    from idengine.evaluate.metrics import summarise_folds
 
     label_of = {_taxon(s): int(lab) for s, lab in zip(records["species"], records["label"])}
     per, index_s, n_q, search_s, peak = [], [], 0, 0.0, 0.0
@@ -209,7 +209,7 @@ def run_peer(peer: str, records: pd.DataFrame, unknown: pd.DataFrame, work: Path
 
 
 def _read_tables(prepared: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    from idengine.data.prepare import read_prepared, read_unknown
+    from idengine.data.prepared import read_prepared, read_unknown
 
     records, _ = read_prepared(prepared)
     unknown = read_unknown(prepared)

@@ -35,12 +35,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from idengine import columns as C  # noqa: E402
+from idengine import layout as C  # noqa: E402
 from idengine.config import load_config, with_values  # noqa: E402
-from idengine.data.prepare import prepare_dataset, read_prepared  # noqa: E402
-from idengine.data.ray_tokenize import tokenized_table  # noqa: E402
-from idengine.metrics import classification_metrics, softmax  # noqa: E402
-from idengine.model import build_model  # noqa: E402
+from idengine.data.prepared import read_prepared
+from idengine.recipes.prepare import prepare_dataset  # noqa: E402
+from idengine.features.tokens import tokenized_table  # noqa: E402
+from idengine.evaluate.metrics import classification_metrics, softmax  # noqa: E402
+from idengine.models.transformer import build_model  # noqa: E402
 from idengine.train.loop import local_fold_data, train_fold_local  # noqa: E402
 from idengine.train.ray_train import fit_fold, fold_tables  # noqa: E402
 

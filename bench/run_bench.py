@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import logging
 import os
@@ -75,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def prepare(args: argparse.Namespace, work: Path) -> Path:
     """Run idengine's prepare once (protocol: no test split, min distinct sequences, optional fold file)."""
     from idengine.config import load_config
-    from idengine.data.prepare import prepare_dataset
+    from idengine.recipes.prepare import prepare_dataset
 
     out = work / "prepared"
     if (out / "records.parquet").exists() and (out / "prepare_report.json").exists():
@@ -91,36 +90,20 @@ def prepare(args: argparse.Namespace, work: Path) -> Path:
 
 
 def model_config(model: str, prepared: Path, work: Path, epochs: int, seed: int):
-    """The Config a model runs with: tiny-cpu.yaml + the backbone, scratch paths and the epoch budget."""
+    """The Config a model runs with: tiny-cpu.yaml + the model kind, scratch paths and the epoch budget."""
     from idengine.config import load_config
 
-    backbone = "tiny" if model in ("tiny", "probe") else model
-    overrides = [f"model.backbone={backbone}", f"train.storage_path={(work / 'ray').resolve()}",
+    kind = {"tiny": "transformer", "probe": "probe"}.get(model, model)
+    overrides = [f"model.kind={kind}", "model.backbone=tiny", f"train.storage_path={(work / 'ray').resolve()}",
                  f"train.seed={seed}", "train.num_workers=0"]
-    if model == "probe":
-        overrides.append("model.finetune=probe")
     if model == "tiny":
         overrides += [f"train.epochs={epochs}", f"train.patience={epochs}", *TINY_OVERRIDES]
     return load_config(BASE_CONFIG, overrides)
 
 
-def probe_ready() -> bool:
-    """The frozen-backbone embedding probe is selectable as model.finetune=probe (idengine/probe.py + config)."""
-    from idengine.config import ModelConfig
-
-    try:
-        ModelConfig(backbone="tiny", finetune="probe")
-    except ValueError:
-        return False
-    return importlib.util.find_spec("idengine.probe") is not None
-
-
 def run_child(model: str, args: argparse.Namespace, prepared: Path, work: Path) -> dict:
     """Run one idengine model in a child process; its peak RSS comes from os.wait4 (Ray's daemons excluded)."""
     result_file = work / "results" / f"{model}.json"
-    if model == "probe" and not probe_ready():
-        return {"name": model, "kind": "idengine", "status": "skipped",
-                "note": "skipped: this idengine cannot select the embedding probe (model.finetune=probe) yet"}
     partial = result_file.with_suffix(".partial.json")
     if args.reuse and result_file.exists():
         return json.loads(result_file.read_text())
@@ -174,22 +157,24 @@ def run_peer_cached(peer: str, args: argparse.Namespace, prepared: Path, work: P
 
 def bench_idengine_model(spec: dict) -> dict:
     """Cross-validate one idengine model (in the child process): metrics, fit time, throughput, open set."""
-    from idengine.cv import run_cv
+    from idengine.config import KMER_KINDS
+    from idengine.data.prepared import read_prepared
+    from idengine.recipes.cv import iter_folds, running_summary, write_cv
 
     model, prepared, work = spec["model"], Path(spec["prepared"]), Path(spec["work"])
     config = model_config(model, prepared, work, spec["epochs"], spec["seed"])
-    if not config.model.is_baseline():
+    if config.model.kind not in KMER_KINDS:
         start_ray()
     partial = Path(spec["result"]).with_suffix(".partial.json")
-
-    def save_partial(done: int, summary: dict) -> None:  # a run stopped for time still leaves its folds
-        partial.write_text(json.dumps({"name": model, "kind": "idengine", "status": "ok", "folds_done": done,
-                                       "metrics": summary["running"], "load_avg_at_end": os.getloadavg()}))
-
-    cv_dir = run_cv(config, prepared, work / "cv" / model, on_fold=save_partial)
+    results = []
+    for result in iter_folds(config, prepared, work / "cv" / model):  # a run stopped for time leaves its folds
+        results.append(result)
+        partial.write_text(json.dumps({"name": model, "kind": "idengine", "status": "ok", "folds_done": len(results),
+                                       "metrics": running_summary(results), "load_avg_at_end": os.getloadavg()}))
+    cv_dir = write_cv(work / "cv" / model, config, results, read_prepared(prepared)[1].num_classes)
     metrics = json.loads((cv_dir / "metrics.json").read_text())
     history = [json.loads((cv_dir / "folds" / f"{f['fold']}.json").read_text()) for f in metrics["folds"]]
-    if config.model.is_baseline():
+    if config.model.kind in KMER_KINDS:
         fit_s = [h[0]["fit_s"] for h in history]
         speed = sum(h[0]["predict_seqs_per_s"] for h in history) / len(history)
         note = "train s = fit time"
@@ -211,7 +196,7 @@ def bench_idengine_model(spec: dict) -> dict:
     if spec["open_set"]:
         import open_set
 
-        score = (open_set.baseline_open_set if config.model.is_baseline() else
+        score = (open_set.kmer_open_set if config.model.kind in KMER_KINDS else
                  open_set.probe_open_set if model == "probe" else open_set.transformer_open_set)
         result["open_set"] = score(config, prepared, cv_dir)
     return result
@@ -234,7 +219,7 @@ def start_ray(attempts: int = 3) -> None:
 
 
 def _mean_sd(values: list[float]) -> dict:
-    from idengine.metrics import summarise_folds
+    from idengine.evaluate.metrics import summarise_folds
 
     return summarise_folds([{"v": float(v)} for v in values])["v"]
 
@@ -243,11 +228,11 @@ def transformer_throughput(config, prepared: Path) -> float:
     """Sequences/s of tokenize + forward on fold-0 validation records; weights do not change the cost."""
     import torch
 
-    from idengine import columns as C
-    from idengine.data.prepare import read_prepared
-    from idengine.data.tokenize import collate, load_tokenizer, tokenize_batch
-    from idengine.model import build_model
-    from idengine.train.loop import predict_logits
+    from idengine import layout as C
+    from idengine.data.prepared import read_prepared
+    from idengine.data.tokenize import load_tokenizer, tokenize_batch
+    from idengine.models.inference import classifier_logits
+    from idengine.models.transformer import build_model
 
     records, labels = read_prepared(prepared)
     val = records[records[C.FOLD] == "0"].head(THROUGHPUT_SEQS)
@@ -256,11 +241,8 @@ def transformer_throughput(config, prepared: Path) -> float:
     tokenizer = load_tokenizer(config.model.backbone)
     size = config.predict.batch_size
     start = time.perf_counter()
-    with torch.inference_mode():
-        batches = (collate(tokenize_batch({C.SEQUENCE: val[C.SEQUENCE].to_numpy()[i:i + size]}, tokenizer,
-                                          config.model.max_tokens), tokenizer.pad_token_id)
-                   for i in range(0, len(val), size))
-        logits, _ = predict_logits(model, batches, torch.device("cpu"), None)
+    rows = tokenize_batch({C.SEQUENCE: val[C.SEQUENCE].to_numpy()}, tokenizer, config.model.max_tokens)[C.INPUT_IDS]
+    logits = classifier_logits(model, list(rows), size, torch.device("cpu"))
     assert logits.shape == (len(val), labels.num_classes)
     return len(val) / (time.perf_counter() - start)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -67,48 +66,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def init_ray(address: str | None) -> None:
-    """Connect to a cluster (address or RAY_ADDRESS) or start a local Ray; the dashboard stays on localhost."""
-    import ray
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        # "local": a Ray of our own. A bare ray.init() would attach to any cluster `ray start`ed on this machine
-        # (found through /tmp/ray/ray_current_cluster) and die with it.
-        ray.init(address="local", dashboard_host="127.0.0.1")
-
-
 def run(args: argparse.Namespace) -> Path:
     """Dispatch one parsed command; returns the main output path."""
     if args.command == "report":
-        from idengine.report import write_report
+        from idengine.report.run import write_report
 
         return write_report(args.run_dir, args.out, label_map=args.label_map)
     config = load_config(args.config, args.overrides)
     if args.command == "prepare":
-        from idengine.data.prepare import prepare_dataset
+        from idengine.recipes.prepare import prepare_dataset
 
         return prepare_dataset(config, args.out)
+    from idengine.recipes.runtime import init_ray
+
     init_ray(args.address)
     if args.command == "cv":
-        from idengine.cv import run_cv
+        from idengine.recipes.cv import run_cv
 
         return run_cv(config, args.prepared, args.out)
     if args.command == "tune":
-        from idengine.tune import run_tune
+        from idengine.recipes.tune import run_tune
 
         return run_tune(config, args.prepared, args.out, resume=args.resume)
     if args.command == "train":
-        from idengine.final import train_final
+        from idengine.recipes.train import train_final
 
         return train_final(config, args.prepared, args.cv, args.out, merge=args.merge)
     if args.command == "predict":
-        from idengine.predict import predict_file
+        from idengine.deploy.predict import predict_file
 
         return predict_file(args.model, args.sequences, args.out, config.predict)
     raise ValueError(f"unknown command {args.command}")
@@ -118,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from idengine.data.load import InputError
+    from idengine.errors import InputError
 
     try:
         out = run(args)

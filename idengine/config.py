@@ -15,7 +15,25 @@ import yaml
 
 DEFAULT_BACKBONE = "InstaDeepAI/nucleotide-transformer-2.5b-multi-species"
 TINY_BACKBONE = "tiny"
-BASELINE_BACKBONES = ("kmer-nb", "kmer-linear")
+
+# The choices of every enumerated setting: modules import these rather than spelling the values again.
+MODEL_KINDS = ("transformer", "probe", "kmer-nb", "kmer-linear")
+KMER_KINDS = ("kmer-nb", "kmer-linear")
+FINETUNE_MODES = ("lora", "full", "head")
+PROBE_HEADS = ("linear", "mlp")
+POOLINGS = ("mean", "cls")
+LABEL_CONFLICT_POLICIES = ("keep", "drop", "majority")
+SCHEDULERS = ("cosine", "linear", "constant")
+CLASS_WEIGHTINGS = ("none", "inverse", "effective")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+TUNE_SCHEDULERS = ("asha", "fifo")
+TUNE_DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
+CALIBRATION_METHODS = ("temperature", "platt", "isotonic", "none")
+
+
+def _check_choice(key: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(choices)}, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -52,8 +70,7 @@ class DataConfig:
     """Seed of the splits (and of everything else random)."""
 
     def __post_init__(self) -> None:
-        if self.label_conflicts not in ("keep", "drop", "majority"):
-            raise ValueError(f"data.label_conflicts must be keep, drop or majority, not {self.label_conflicts!r}")
+        _check_choice("data.label_conflicts", self.label_conflicts, LABEL_CONFLICT_POLICIES)
         if not 0.0 <= self.test_fraction < 0.5:
             raise ValueError("data.test_fraction must be in [0, 0.5)")
         if self.n_folds < 2:
@@ -68,17 +85,20 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    kind: str = "transformer"
+    """The classifier: `transformer` (a backbone fine-tuned with a new head), `probe` (a linear/MLP head on the frozen
+    backbone's pooled embeddings, computed once with Ray Data and cached), `kmer-nb` or `kmer-linear` (k-mer models)."""
     backbone: str = DEFAULT_BACKBONE
-    """Hub id or local directory of an ESM / Nucleotide Transformer checkpoint; `tiny` (random, CPU); or a k-mer baseline."""
+    """Checkpoint of `transformer` and `probe`: a hub id or local directory of an ESM / Nucleotide Transformer, or `tiny`
+    (random, CPU)."""
     revision: str | None = None
     """Hub revision (commit, tag or branch) to pin the backbone to."""
     finetune: str = "lora"
-    """`lora` (adapters + head), `full` (every weight), `head` (frozen backbone, head only) or `probe` (frozen
-    backbone's pooled embeddings computed once with Ray Data and cached, then a linear/MLP head per fold)."""
+    """How `transformer` adapts the backbone: `lora` (adapters + head), `full` (every weight) or `head` (head only)."""
     probe_head: str = "linear"
-    """Head of finetune=probe: `linear` (multinomial logistic regression) or `mlp` (one hidden layer, early-stopped)."""
+    """Head of kind=probe: `linear` (multinomial logistic regression) or `mlp` (one hidden layer, early-stopped)."""
     pooling: str = "mean"
-    """Embedding of finetune=probe: `mean` of the last hidden states (CLS and padding excluded) or `cls`."""
+    """Embedding of kind=probe: `mean` of the last hidden states (CLS and padding excluded) or `cls`."""
     trust_remote_code: bool = False
     """Let transformers run code shipped with the checkpoint. Off unless you trust the source."""
     max_tokens: int = 1000
@@ -86,20 +106,36 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, about 30% slower. For the 2.5B model at long lengths."""
     kmer: int = 8
-    """k for the k-mer baselines."""
+    """k of the k-mer models."""
 
     def __post_init__(self) -> None:
-        if self.finetune not in ("lora", "full", "head", "probe"):
-            raise ValueError(f"model.finetune must be lora, full, head or probe, not {self.finetune!r}")
-        if self.probe_head not in ("linear", "mlp"):
-            raise ValueError("model.probe_head must be linear or mlp")
-        if self.pooling not in ("mean", "cls"):
-            raise ValueError("model.pooling must be mean or cls")
+        if self.backbone in KMER_KINDS:
+            raise ValueError(f"model.backbone={self.backbone} is no longer a backbone: a k-mer model has none. Write "
+                             f"model.kind={self.backbone} (model.backbone names a transformer checkpoint only)")
+        if self.finetune == "probe":
+            raise ValueError("model.finetune=probe is no longer a fine-tuning mode (a probe fine-tunes nothing): write "
+                             "model.kind=probe")
+        _check_choice("model.kind", self.kind, MODEL_KINDS)
+        _check_choice("model.finetune", self.finetune, FINETUNE_MODES)
+        _check_choice("model.probe_head", self.probe_head, PROBE_HEADS)
+        _check_choice("model.pooling", self.pooling, POOLINGS)
         if not 8 <= self.max_tokens <= 1000:
             raise ValueError("model.max_tokens must be in [8, 1000] (the NT position limit)")
+        if not 1 <= self.kmer <= 12:
+            raise ValueError("model.kmer must be in [1, 12]")
 
-    def is_baseline(self) -> bool:
-        return self.backbone in BASELINE_BACKBONES
+    @property
+    def uses_backbone(self) -> bool:
+        """True for the kinds that run a transformer checkpoint (transformer, probe)."""
+        return self.kind in ("transformer", "probe")
+
+    def describe(self) -> str:
+        """`transformer tiny (full)`, `probe tiny (linear, mean)` or `kmer-nb (k=8)`: what the model is, in a phrase."""
+        if self.kind == "transformer":
+            return f"transformer {self.backbone} ({self.finetune})"
+        if self.kind == "probe":
+            return f"probe {self.backbone} ({self.probe_head}, {self.pooling})"
+        return f"{self.kind} (k={self.kmer})"
 
 
 @dataclass(frozen=True)
@@ -163,12 +199,9 @@ class TrainConfig:
     """Seed of initialisation, shuffling and dropout."""
 
     def __post_init__(self) -> None:
-        if self.scheduler not in ("cosine", "linear", "constant"):
-            raise ValueError(f"train.scheduler must be cosine, linear or constant, not {self.scheduler!r}")
-        if self.class_weighting not in ("none", "inverse", "effective"):
-            raise ValueError("train.class_weighting must be none, inverse or effective")
-        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
-            raise ValueError("train.precision must be auto, bf16, fp16 or fp32")
+        _check_choice("train.scheduler", self.scheduler, SCHEDULERS)
+        _check_choice("train.class_weighting", self.class_weighting, CLASS_WEIGHTINGS)
+        _check_choice("train.precision", self.precision, PRECISIONS)
         if self.epochs < 1 or self.batch_size < 1 or self.grad_accum_steps < 1:
             raise ValueError("train.epochs, train.batch_size and train.grad_accum_steps must be positive")
         if self.lr <= 0:
@@ -202,11 +235,10 @@ class TuneConfig:
     """Experiment name under train.storage_path."""
 
     def __post_init__(self) -> None:
-        if self.scheduler not in ("asha", "fifo"):
-            raise ValueError("tune.scheduler must be asha or fifo")
+        _check_choice("tune.scheduler", self.scheduler, TUNE_SCHEDULERS)
         for key, dist in self.space.items():
-            if not isinstance(dist, dict) or len(dist) != 1:
-                raise ValueError(f"tune.space.{key} must be one of loguniform/uniform/choice/randint: [...]")
+            if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in TUNE_DISTRIBUTIONS:
+                raise ValueError(f"tune.space.{key} must be one of {'/'.join(TUNE_DISTRIBUTIONS)}: [...]")
 
 
 @dataclass(frozen=True)
@@ -219,8 +251,7 @@ class CalibrateConfig:
     """Below the threshold, call the deepest rank (genus, family...) whose summed probability passes it."""
 
     def __post_init__(self) -> None:
-        if self.method not in ("temperature", "platt", "isotonic", "none"):
-            raise ValueError("calibrate.method must be temperature, platt, isotonic or none")
+        _check_choice("calibrate.method", self.method, CALIBRATION_METHODS)
         if not 0.0 < self.target_precision <= 1.0:
             raise ValueError("calibrate.target_precision must be in (0, 1]")
 

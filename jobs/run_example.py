@@ -13,12 +13,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir holds the idengine package
 
-from idengine.cli import init_ray  # noqa: E402
+from idengine.recipes.runtime import init_ray  # noqa: E402
 from idengine.config import load_config  # noqa: E402
-from idengine.cv import run_cv  # noqa: E402
-from idengine.data.prepare import prepare_dataset  # noqa: E402
-from idengine.final import train_final  # noqa: E402
-from idengine.predict import predict_file  # noqa: E402
+from idengine.recipes.cv import run_cv  # noqa: E402
+from idengine.recipes.prepare import prepare_dataset  # noqa: E402
+from idengine.recipes.train import train_final  # noqa: E402
+from idengine.deploy.predict import predict_file  # noqa: E402
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 log = logging.getLogger("jobs.run_example")

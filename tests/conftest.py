@@ -38,9 +38,11 @@ def ray_session(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def shared_12s() -> Path:
-    """The full 12s-fish development set beside the repo; tests that need it skip when it is absent."""
+    """The full 12s-fish development set beside the repo (the `full_data` tier); skipped, saying so, without it."""
+    from fixtures_tiny import FULL_DATA_SKIP
+
     if not (SHARED_12S / "labels.csv").exists():
-        pytest.skip(f"{SHARED_12S} not found")
+        pytest.skip(FULL_DATA_SKIP)
     return SHARED_12S
 
 
@@ -51,7 +53,7 @@ from fixtures_tiny import *  # noqa: E402,F401,F403  (tiny model, offline tokeni
 def prepared_example(tmp_path_factory) -> Path:
     """The bundled example (examples/12s-fish-mini) prepared with default settings, once per test run."""
     from idengine.config import load_config
-    from idengine.data.prepare import prepare_dataset
+    from idengine.recipes.prepare import prepare_dataset
 
     config = load_config(REPO / "jobs" / "configs" / "tiny-cpu.yaml", [
         f"data.sequences={REPO / 'examples' / '12s-fish-mini' / 'sequences.fasta.gz'}",

@@ -1,5 +1,6 @@
 """Fixtures of the tokenizer/model/loop tests: the NT tokenizer built offline, the tiny backbone saved as a checkpoint
-directory (loaded through the same `from_pretrained` path as a real one), and small sets of real 12S records.
+directory (loaded through the same `from_pretrained` path as a real one), and real 12S records: the bundled example
+and tests/data (always present), or the full development set beside the repo (the `full_data` tier).
 
 conftest.py imports the fixtures (`from fixtures_tiny import *`); tests import the helper functions directly.
 Nothing here downloads anything.
@@ -17,7 +18,12 @@ import pytest
 
 __all__ = ["nt_tokenizer", "one_torch_thread", "records_12s", "tiny_model_dir"]  # the fixtures, for conftest
 
-SHARED_12S_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "12s-fish"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_12S_DIR = REPO.parent / "shared" / "data" / "12s-fish"
+REPO_SETS = (REPO / "examples" / "12s-fish-mini", REPO / "tests" / "data")
+"""Real 12S records in the repo: the bundled example (415 records, 32 species with 8-15) and tests/data (248)."""
+FULL_DATA_SKIP = (f"needs the full 12s-fish development set at {SHARED_12S_DIR} (a fresh clone has none; this is "
+                  "the full_data tier)")
 _NOT_ACGT = re.compile(r"[^ACGT]")
 
 
@@ -27,11 +33,26 @@ def clean_for_test(sequence: str) -> str:
     return _NOT_ACGT.sub("N", s)
 
 
+def read_repo_records() -> pd.DataFrame:
+    """`id`, cleaned `sequence` and `species` of every real record in the repo (example + tests/data)."""
+    frames = []
+    for directory in REPO_SETS:
+        fasta = directory / "sequences.fasta.gz" if (directory / "sequences.fasta.gz").exists() else \
+            directory / "12s_sample.fasta.gz"
+        labels = directory / "labels.csv" if (directory / "labels.csv").exists() else directory / "12s_sample_labels.csv"
+        frames.append(_read_pair(fasta, labels, None))
+    return pd.concat(frames, ignore_index=True).drop_duplicates("id").reset_index(drop=True)
+
+
 def read_12s_records(limit: int | None = None) -> pd.DataFrame:
-    """`id`, cleaned `sequence` and `species` of the first `limit` records of the shared 12S set (skips if absent)."""
+    """`id`, cleaned `sequence` and `species` of the first `limit` records of the full 12S set (skips if absent)."""
     fasta, labels = SHARED_12S_DIR / "sequences.fasta.gz", SHARED_12S_DIR / "labels.csv"
     if not fasta.exists() or not labels.exists():
-        pytest.skip(f"{SHARED_12S_DIR} not found")
+        pytest.skip(FULL_DATA_SKIP)
+    return _read_pair(fasta, labels, limit)
+
+
+def _read_pair(fasta: Path, labels: Path, limit: int | None) -> pd.DataFrame:
     ids, seqs, chunks = [], [], []
     with gzip.open(fasta, "rt") as handle:
         for line in handle:
@@ -75,15 +96,15 @@ def nt_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The tiny backbone as a checkpoint directory: config.json, model.safetensors, vocab.txt, tokenizer_config.json."""
-    from idengine.model import save_tiny_backbone
+    from idengine.models.tiny import save_tiny_backbone
 
     return save_tiny_backbone(tmp_path_factory.mktemp("tiny-backbone"))
 
 
 @pytest.fixture(scope="session")
 def records_12s() -> pd.DataFrame:
-    """Every record of the shared 12S set, cleaned (about 1 s to read); skips when the set is absent."""
-    return read_12s_records()
+    """Every real 12S record in the repo, cleaned: the bundled example and tests/data (663 records)."""
+    return read_repo_records()
 
 
 @pytest.fixture

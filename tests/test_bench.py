@@ -38,7 +38,7 @@ def bench_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     # A fold file: the example's computed folds, written as id,fold (what protocol-folds.csv is for 12s-fish).
     from idengine.config import load_config
-    from idengine.data.prepare import build_prepared
+    from idengine.recipes.prepare import build_prepared
 
     config = load_config(run_bench.BASE_CONFIG, ["data.test_fraction=0"])
     records = build_prepared(config)["records"]
@@ -76,7 +76,7 @@ def test_numbers_equal_cv_metrics(bench_run):
 
 
 def test_folds_come_from_the_file(bench_run):
-    from idengine.data.prepare import read_prepared
+    from idengine.data.prepared import read_prepared
 
     records, _ = read_prepared(bench_run["work"] / "prepared")
     given = dict(zip(bench_run["records"]["id"], bench_run["records"]["fold"].astype(str)))
@@ -107,7 +107,7 @@ def test_peer_row_skipped_without_binaries(tmp_path, monkeypatch):
 def test_top_label_ece_matches_idengine():
     import numpy as np
 
-    from idengine.metrics import expected_calibration_error
+    from idengine.evaluate.metrics import expected_calibration_error
 
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(4), size=200)

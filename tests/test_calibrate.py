@@ -1,16 +1,15 @@
-"""Calibration lowers NLL/ECE without moving the argmax, survives JSON, and the threshold and rank fallback
-do what they promise on hand-checked examples."""
+"""Calibration lowers NLL/ECE without moving the argmax, survives JSON, and the threshold does what it promises on
+hand-checked examples."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 
-from idengine import calibrate, metrics
-from idengine.calibrate import Calibrator
+from idengine.evaluate import calibrate, metrics
+from idengine.evaluate.calibrate import Calibrator
 
 TRUE_SCALE = 5.0
 
@@ -80,9 +79,14 @@ def test_bad_calibrator_records_raise():
 
 
 def test_reliability_diagram_writes_png(fit_and_test, tmp_path):
+    from idengine.report.plots import reliability_comparison_figure, save_png
+
     (logits, y), _ = fit_and_test
-    after = calibrate.fit_calibrator(logits, y).apply(logits)
-    path = calibrate.reliability_diagram(metrics.softmax(logits), after, y, tmp_path / "plots" / "rel.png")
+    before, after = metrics.softmax(logits), calibrate.fit_calibrator(logits, y).apply(logits)
+    fig = reliability_comparison_figure(metrics.reliability_bins(y, before), metrics.reliability_bins(y, after),
+                                        metrics.expected_calibration_error(y, before),
+                                        metrics.expected_calibration_error(y, after), y.size)
+    path = save_png(fig, tmp_path / "plots" / "rel.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 
 
@@ -127,103 +131,3 @@ def test_unreachable_threshold_calls_nothing():
     choice = calibrate.choose_threshold(probs, np.array([1, 2]), 0.5)
     assert not choice.reachable and choice.threshold > 1.0 and choice.coverage == 0.0
     assert json.loads(json.dumps(choice.to_dict()))["reachable"] is False
-
-
-SPECIES = ["A a", "A b", "B c", "C d", "X e", "X f"]
-TAXA = pd.DataFrame({
-    "genus": ["A", "A", "B", "C", None, ""],  # labels 4 and 5 have no genus: they must not form a taxon
-    "family": ["F", "F", "F", "G", "G", "G"],
-})
-
-
-def test_rank_fallback_hand_example():
-    probs = np.array([
-        [0.85, 0.05, 0.05, 0.05, 0.0, 0.0],   # species A a
-        [0.45, 0.45, 0.05, 0.05, 0.0, 0.0],   # genus A = 0.90
-        [0.30, 0.20, 0.35, 0.10, 0.05, 0.0],  # genera at most 0.5; family F = 0.85
-        [0.30, 0.10, 0.10, 0.30, 0.20, 0.0],  # nothing reaches 0.8
-        [0.0, 0.0, 0.0, 0.10, 0.45, 0.45],    # missing genus must not sum to 0.9; family G = 1.0
-    ])
-    calls = calibrate.assign_calls(probs, SPECIES, TAXA, threshold=0.8)
-    assert calls["call"].tolist() == ["A a", "A", "F", "unassigned", "G"]
-    assert calls["rank"].tolist() == ["species", "genus", "family", "unassigned", "family"]
-    np.testing.assert_allclose(calls["confidence"], [0.85, 0.90, 0.85, 0.30, 1.0])
-    assert calls["top_species"].tolist() == ["A a", "A a", "B c", "A a", "X e"]
-    only_genus = calibrate.assign_calls(probs, SPECIES, TAXA, threshold=0.8, ranks=["genus"])
-    assert only_genus["rank"].tolist() == ["species", "genus", "unassigned", "unassigned", "unassigned"]
-
-
-def _slow_assign(probs, threshold, ranks):
-    """Row-by-row reference of the fallback rule."""
-    out = []
-    for row in probs:
-        if row.max() >= threshold:
-            out.append((SPECIES[row.argmax()], "species"))
-            continue
-        for rank in ranks:
-            sums: dict[str, float] = {}
-            for label, taxon in enumerate(TAXA[rank]):
-                if taxon:
-                    sums[taxon] = sums.get(taxon, 0.0) + row[label]
-            best = max(sums, key=sums.get)
-            if sums[best] >= threshold:
-                out.append((best, rank))
-                break
-        else:
-            out.append(("unassigned", "unassigned"))
-    return out
-
-
-def test_rank_fallback_matches_row_by_row_reference():
-    rng = np.random.default_rng(4)
-    probs = metrics.softmax(rng.normal(0, 2, (400, len(SPECIES))))
-    calls = calibrate.assign_calls(probs, SPECIES, TAXA, threshold=0.6)
-    assert list(zip(calls["call"], calls["rank"])) == _slow_assign(probs, 0.6, ["genus", "family"])
-    assert set(calls["rank"]) == {"species", "genus", "family", "unassigned"}
-
-
-def test_rank_fallback_rejects_mismatched_inputs():
-    with pytest.raises(ValueError, match="species names"):
-        calibrate.assign_calls(np.full((1, 6), 1 / 6), SPECIES[:5], TAXA, 0.8)
-    with pytest.raises(ValueError, match="order"):
-        calibrate.assign_calls(np.full((1, 6), 1 / 6), SPECIES, TAXA, 0.8, ranks=["order"])
-
-
-def test_open_set_report_hand_counts():
-    unknown = np.array([
-        [0.85, 0.05, 0.05, 0.05, 0.0, 0.0],   # species call: over-classified
-        [0.45, 0.45, 0.05, 0.05, 0.0, 0.0],   # genus A
-        [0.30, 0.20, 0.35, 0.10, 0.05, 0.0],  # family F
-        [0.30, 0.10, 0.10, 0.30, 0.20, 0.0],  # unassigned
-    ])
-    calls = calibrate.assign_calls(unknown, SPECIES, TAXA, threshold=0.8)
-    known = np.array([[0.9, 0.1, 0, 0, 0, 0], [0.95, 0.05, 0, 0, 0, 0], [0.5, 0.5, 0, 0, 0, 0]])
-    truth = pd.DataFrame({"genus": ["A", "B", "B", "C"], "family": ["F", "F", "F", "G"]})
-    report = calibrate.open_set_report(unknown, 0.8, calls, known, np.array([0, 1, 0]), unknown_taxa=truth)
-    u = report["unknown"]
-    assert u["n"] == 4 and u["over_classification_rate"] == 0.25
-    assert u["assigned"] == {"species": 0.25, "genus": 0.25, "family": 0.25, "unassigned": 0.25}
-    assert u["correct_at_rank"] == {"genus": 0.0, "family": 1.0}
-    assert report["known"] == {"n": 3, "coverage": pytest.approx(2 / 3), "accuracy_of_calls": 0.5,
-                               "top1_acc": pytest.approx(2 / 3)}
-    with pytest.raises(ValueError, match="threshold"):
-        calibrate.open_set_report(unknown, 0.4, calls)
-
-
-def test_rank_shared_by_every_label_is_never_called_and_unreachable_threshold_calls_nothing():
-    import pandas as pd
-
-    from idengine.calibrate import NEVER_CALL, assign_calls
-
-    table = pd.DataFrame({"class": ["Fish"] * 3, "genus": ["A", "A", "B"]}, index=[0, 1, 2])
-    probs = np.array([[0.4, 0.3, 0.3], [0.2, 0.2, 0.6]])
-    calls = assign_calls(probs, ["A a", "A b", "B c"], table, threshold=0.8)
-    # Genus A sums to 0.7 < 0.8; class Fish sums to 1 for every record but tells nothing: unassigned.
-    assert list(calls["rank"]) == ["unassigned", "unassigned"]
-    # Probabilities whose float sum exceeds 1 by rounding never pass an unreachable threshold.
-    probs = np.array([[0.2577675591950033, 0.1451673785973518, 0.26803722216649567, 0.15240245939979846,
-                       0.17662538064135083, 0.0]])
-    assert (probs[:, :5].sum(axis=1) @ np.ones(1)) >= 1.0
-    table2 = pd.DataFrame({"genus": ["A"] * 5 + ["B"]}, index=range(6))
-    calls = assign_calls(probs, [f"s{i}" for i in range(6)], table2, NEVER_CALL)
-    assert calls["rank"][0] == "unassigned"

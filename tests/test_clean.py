@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from idengine import columns as C
+from idengine import layout as C
 from idengine.config import DataConfig
 from idengine.data.clean import (
     assign_groups,

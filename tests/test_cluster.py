@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO
 
 from idengine.config import load_config
-from idengine.data.prepare import prepare_dataset
+from idengine.recipes.prepare import prepare_dataset
 
 pytestmark = pytest.mark.integration
 VENV_BIN = str(Path(sys.executable).parent)

@@ -33,8 +33,9 @@ def test_yaml_exponent_without_dot_is_a_float(tmp_path):
     ("trainer.lr=1", "unknown config section"),
     ("train.lr", "section.key=value"),
     ("train.lr=abc", "must be a number"),
-    ("train.scheduler=step", "cosine, linear or constant"),
-    ("model.finetune=prefix", "lora, full, head or probe"),
+    ("train.scheduler=step", "cosine, linear, constant"),
+    ("model.finetune=prefix", "lora, full, head"),
+    ("model.kind=forest", "transformer, probe, kmer-nb, kmer-linear"),
     ("data.n_folds=1", "at least 2"),
 ])
 def test_bad_overrides_are_errors(override, message):
@@ -59,9 +60,27 @@ def test_defaults_point_at_the_real_backbone_and_keep_remote_code_off():
 
 
 def test_probe_settings_are_validated():
-    config = load_config(None, ["model.finetune=probe", "model.probe_head=mlp", "model.pooling=cls"])
-    assert (config.model.finetune, config.model.probe_head, config.model.pooling) == ("probe", "mlp", "cls")
+    config = load_config(None, ["model.kind=probe", "model.probe_head=mlp", "model.pooling=cls"])
+    assert (config.model.kind, config.model.probe_head, config.model.pooling) == ("probe", "mlp", "cls")
     with pytest.raises(ValueError, match="probe_head"):
         load_config(None, ["model.probe_head=forest"])
     with pytest.raises(ValueError, match="pooling"):
         load_config(None, ["model.pooling=max"])
+
+
+@pytest.mark.parametrize("override, new_key", [
+    ("model.backbone=kmer-nb", "model.kind=kmer-nb"),
+    ("model.backbone=kmer-linear", "model.kind=kmer-linear"),
+    ("model.finetune=probe", "model.kind=probe"),
+])
+def test_old_spellings_name_the_new_key(override, new_key):
+    """model.kind replaced backbone/finetune doing double duty: the old spellings say what to write instead."""
+    with pytest.raises(ValueError, match=new_key):
+        load_config(None, [override])
+
+
+def test_model_kind_selects_and_describes_the_classifier():
+    assert load_config(None, ["model.kind=kmer-nb"]).model.describe() == "kmer-nb (k=8)"
+    assert load_config(None, ["model.backbone=tiny", "model.finetune=full"]).model.describe() == \
+        "transformer tiny (full)"
+    assert load_config(None, ["model.kind=probe", "model.backbone=tiny"]).model.uses_backbone

@@ -7,9 +7,10 @@ import pandas as pd
 import pytest
 from conftest import tiny_test_config
 
-from idengine import columns as C
-from idengine.cv import read_oof, run_cv
-from idengine.metrics import classification_metrics, softmax
+from idengine import layout as C
+from idengine.evaluate.oof import read_oof
+from idengine.recipes.cv import run_cv
+from idengine.evaluate.metrics import classification_metrics, softmax
 
 CV_FILES = {"metrics.json", "oof.parquet", "config.yaml", "summary.md", "folds"}
 
@@ -41,9 +42,9 @@ def _check_cv_dir(out, prepared, n_epochs_max):
     return metrics
 
 
-@pytest.mark.parametrize("backbone", ["kmer-nb", "kmer-linear"])
-def test_baseline_cv_on_the_bundled_example(prepared_example, tmp_path, backbone):
-    config = tiny_test_config(tmp_path, f"model.backbone={backbone}")
+@pytest.mark.parametrize("kind", ["kmer-nb", "kmer-linear"])
+def test_kmer_cv_on_the_bundled_example(prepared_example, tmp_path, kind):
+    config = tiny_test_config(tmp_path, f"model.kind={kind}")
     out = run_cv(config, prepared_example, tmp_path / "cv")
     metrics = _check_cv_dir(out, prepared_example, 1)
     # 8-mer models separate these 32 species well: far above chance (1/32).
@@ -52,22 +53,25 @@ def test_baseline_cv_on_the_bundled_example(prepared_example, tmp_path, backbone
 
 @pytest.mark.integration
 def test_transformer_cv_local_mode(ray_session, prepared_example, tmp_path):
+    from idengine.recipes.cv import iter_folds, running_summary
+
     config = tiny_test_config(tmp_path, "train.epochs=2")
-    reports = []
-    out = run_cv(config, prepared_example, tmp_path / "cv", on_fold=lambda n, s: reports.append((n, s)))
+    out = run_cv(config, prepared_example, tmp_path / "cv")
     metrics = _check_cv_dir(out, prepared_example, 2)
-    assert [n for n, _ in reports] == [1, 2, 3, 4, 5]
-    assert reports[-1][1]["running"]["pr_auc_macro"]["mean"] == pytest.approx(
-        metrics["mean"]["pr_auc_macro"]["mean"])
+    # The folds run under deterministic names: iterating again (as a restarted Tune trial does) trains nothing new
+    # and gives the same folds back.
+    again = list(iter_folds(config, prepared_example, tmp_path / "cv"))
+    assert [r.fold for r in again] == ["0", "1", "2", "3", "4"]
+    assert running_summary(again)["pr_auc_macro"]["mean"] == pytest.approx(metrics["mean"]["pr_auc_macro"]["mean"])
     history = json.loads((out / "folds" / "0.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
-    assert not list(tmp_path.glob(".cv.*.tmp"))  # nothing half-written left behind
+    assert not list(tmp_path.glob(".cv.*"))  # nothing half-written left behind
 
 
 @pytest.mark.integration
 def test_probe_cv_through_run_cv(ray_session, prepared_example, tmp_path):
-    config = tiny_test_config(tmp_path, "model.finetune=probe")
+    config = tiny_test_config(tmp_path, "model.kind=probe")
     out = run_cv(config, prepared_example, tmp_path / "cv")
     metrics = _check_cv_dir(out, prepared_example, 1)
-    assert metrics["finetune"] == "probe"
+    assert metrics["kind"] == "probe" and metrics["model"].startswith("probe tiny")
     assert metrics["mean"]["top1_acc"]["mean"] > 3 / 32  # the frozen random backbone's embeddings still carry signal

@@ -11,11 +11,14 @@ import pandas as pd
 import pytest
 import torch
 
-from idengine.calibrate import Calibrator
+from idengine.evaluate.calibrate import Calibrator
 from idengine.config import Config, ModelConfig
-from idengine.data.load import read_fasta
-from idengine.data.splits import LabelSpace
-from idengine.export import PICKLE_SUFFIXES, export_artifact, file_sha256, load_artifact, model_logits, verify_artifact
+from idengine.data.fasta import read_fasta
+from idengine.data.labels import LabelSpace
+from idengine.deploy.artifact import clean_for_model, load_artifact, model_logits, verify_artifact
+from idengine.deploy.export import export_artifact
+from idengine.layout import PICKLE_SUFFIXES
+from idengine.storage import file_sha256
 
 DATA = Path(__file__).parent / "data"
 TOKENIZER_FILES = {"tokenizer_config.json", "vocab.txt"}
@@ -47,7 +50,7 @@ def tiny_config(finetune: str = "lora") -> Config:
 
 def trained_like_model(config: Config, labels: LabelSpace, seed: int = 1) -> torch.nn.Module:
     """The tiny model with seeded non-zero trainable weights: LoRA B starts at zero, so the adapter must matter."""
-    from idengine.model import build_model
+    from idengine.models.transformer import build_model
 
     model = build_model(config.model, config.lora, labels.num_classes, dict(enumerate(labels.species)))
     gen = torch.Generator().manual_seed(seed)
@@ -85,7 +88,7 @@ def lora_export(tmp_path_factory):
 def test_export_then_load_gives_identical_probabilities(lora_export):
     directory, model, tokenizer, calibrator = lora_export
     seqs = real_sequences()
-    expected = calibrator.apply(model_logits(model, tokenizer, seqs, MAX_TOKENS))
+    expected = calibrator.apply(model_logits(model, tokenizer, clean_for_model(seqs, tiny_config()), MAX_TOKENS))
     artifact = load_artifact(directory)
     got = artifact.probabilities(seqs)
     assert np.array_equal(got, expected)
@@ -95,7 +98,7 @@ def test_export_then_load_gives_identical_probabilities(lora_export):
     assert not artifact.model.training
     # The adapter is really applied: the same base + head without LoRA gives other logits.
     with artifact.model.disable_adapter():
-        plain = model_logits(artifact.model, tokenizer, seqs, MAX_TOKENS)
+        plain = model_logits(artifact.model, tokenizer, clean_for_model(seqs, tiny_config()), MAX_TOKENS)
     assert np.abs(plain - artifact.logits(seqs)).max() > 1e-3
 
 
@@ -159,7 +162,7 @@ def test_plain_transformers_and_peft_reproduce_the_logits(lora_export):
     batch = plain_tokenizer(cleaned, return_tensors="pt", padding=True, truncation=True, max_length=MAX_TOKENS)
     with torch.no_grad():
         logits = plain(**batch).logits.numpy()
-    np.testing.assert_allclose(logits, model_logits(model, tokenizer, seqs, MAX_TOKENS), atol=1e-5)
+    np.testing.assert_allclose(logits, model_logits(model, tokenizer, cleaned, MAX_TOKENS), atol=1e-5)
     merged = EsmForSequenceClassification.from_pretrained(directory / "merged").eval()
     with torch.no_grad():
         np.testing.assert_allclose(merged(**batch).logits.numpy(), logits, atol=1e-4)
@@ -171,7 +174,7 @@ def test_full_and_head_exports_round_trip(tmp_path, finetune, weights):
     directory, model, tokenizer, calibrator = make_artifact(tmp_path / "model", finetune=finetune)
     assert relative_files(directory) == COMMON_FILES | weights
     seqs = real_sequences(8)
-    expected = calibrator.apply(model_logits(model, tokenizer, seqs, MAX_TOKENS))
+    expected = calibrator.apply(model_logits(model, tokenizer, clean_for_model(seqs, tiny_config()), MAX_TOKENS))
     assert np.array_equal(load_artifact(directory).probabilities(seqs), expected)
 
 
@@ -191,7 +194,7 @@ def test_export_replaces_an_old_artifact_only_when_complete(tmp_path):
 
 def test_bad_sequences_raise_a_clear_error(lora_export):
     artifact = load_artifact(lora_export[0])
-    with pytest.raises(ValueError, match="sequence #1 has characters 'X'"):
+    with pytest.raises(ValueError, match="sequence #1 cannot be scored \(invalid_characters: not nucleotides/IUPAC/gaps: 'X'"):
         artifact.probabilities(["ACGT" * 20, "ACGX" * 20])
 
 

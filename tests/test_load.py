@@ -9,9 +9,11 @@ import pandas as pd
 import pytest
 from Bio.SeqIO.FastaIO import SimpleFastaParser
 
-from idengine import columns as C
+from idengine import layout as C
 from idengine.config import DataConfig
-from idengine.data.load import InputError, load_barcodes, read_fasta, read_labels
+from idengine.data.fasta import read_fasta
+from idengine.data.load import load_barcodes, read_labels
+from idengine.errors import InputError
 
 DATA = Path(__file__).parent / "data"
 SAMPLE_FASTA = DATA / "12s_sample.fasta.gz"

@@ -16,15 +16,15 @@ from safetensors.torch import load_file
 from fixtures_tiny import labelled_tokens, nt_tokenizer, one_torch_thread, records_12s  # noqa: F401 (fixtures)
 from idengine.config import LoraSettings, ModelConfig, TrainConfig
 from idengine.data.tokenize import PAD_ID, collate
-from idengine.model import build_model, trainable_state_dict
-from idengine.train.checkpoint import CHECKPOINT_FILES
+from idengine.models.transformer import build_model, trainable_state_dict
+from idengine.layout import CHECKPOINT_FILES, CKPT_BEST_LOGITS, CKPT_STATE
 from idengine.train.loop import (
     build_optimizer,
     build_scheduler,
     class_weights,
-    local_fold_data,
+    local_train_data,
     predict_logits,
-    run_fold,
+    run_training,
     train_epoch,
     weighted_cross_entropy,
 )
@@ -128,13 +128,13 @@ def test_gradient_accumulation_equals_the_full_batch(fold):
 def test_loss_falls_when_overfitting_32_examples(fold):
     train, _ = fold
     model, cfg = _model(), _cfg(lr=1e-2, batch_size=32, scheduler="constant", weight_decay=0.0)
-    data = local_fold_data(train, train, cfg, N_CLASSES)
+    data = local_train_data(train, train, cfg, N_CLASSES)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, 30)
     losses = [train_epoch(model, data.train_batches(e), optimizer, scheduler, cfg, None, CPU, None)["loss"]
               for e in range(30)]
     assert losses[-1] < 0.5 * losses[0]
-    logits, labels = predict_logits(model, data.val_batches(), CPU, None)
+    logits, labels = predict_logits(model, data.eval_batches(), CPU, None)
     assert accuracy(logits, labels)["acc"] == 1.0
 
 
@@ -152,7 +152,7 @@ def test_early_stopping_after_patience_epochs(fold, tmp_path):
         shutil.copytree(directory, tmp_path / f"epoch{metrics['epoch']}")
 
     model, cfg = _model(), _cfg(epochs=7, patience=3)
-    outcome = run_fold(model, local_fold_data(train, val, cfg, N_CLASSES), cfg, score, CPU, report)
+    outcome = run_training(model, local_train_data(train, val, cfg, N_CLASSES), cfg, score, CPU, report)
     state = outcome.state
     assert (state.epoch, state.best_epoch, state.best_score, state.epochs_since_best) == (5, 2, 0.5, 3)
     assert [r["epoch"] for r in reports] == [1, 2, 3, 4, 5] and len(state.history) == 5
@@ -161,8 +161,8 @@ def test_early_stopping_after_patience_epochs(fold, tmp_path):
     epoch2 = load_file(str(tmp_path / "epoch2" / "trainable.safetensors"))
     final = trainable_state_dict(model)
     assert final.keys() == epoch2.keys() and all(torch.equal(final[k], epoch2[k]) for k in final)
-    logits, labels = predict_logits(model, local_fold_data(train, val, cfg, N_CLASSES).val_batches(), CPU, None)
-    assert np.array_equal(logits, outcome.best_val_logits) and np.array_equal(labels, outcome.val_labels)
+    logits, labels = predict_logits(model, local_train_data(train, val, cfg, N_CLASSES).eval_batches(), CPU, None)
+    assert np.array_equal(logits, outcome.best_eval_logits) and np.array_equal(labels, outcome.eval_labels)
 
 
 def test_checkpoint_holds_only_trainable_weights_and_resume_replays_the_run(fold, tmp_path):
@@ -173,23 +173,23 @@ def test_checkpoint_holds_only_trainable_weights_and_resume_replays_the_run(fold
     def keep(metrics, directory):
         kept[metrics["epoch"]] = shutil.copytree(directory, tmp_path / f"epoch{metrics['epoch']}")
 
-    data = local_fold_data(train, val, cfg, N_CLASSES)
-    full_run = run_fold(_model(dropout=0.1), data, cfg, accuracy, CPU, keep)
+    data = local_train_data(train, val, cfg, N_CLASSES)
+    full_run = run_training(_model(dropout=0.1), data, cfg, accuracy, CPU, keep)
     ckpt = kept[1]
     assert {p.name for p in ckpt.iterdir()} == set(CHECKPOINT_FILES)
     model = _model(dropout=0.1)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(load_file(str(ckpt / "trainable.safetensors"))) == trainable  # adapter + head, no base weight
-    assert json.loads((ckpt / "state.json").read_text())["epoch"] == 1
-    assert np.load(ckpt / "best_val_logits.npy", allow_pickle=False).shape == (16, N_CLASSES)
+    assert json.loads((ckpt / CKPT_STATE).read_text())["epoch"] == 1
+    assert np.load(ckpt / CKPT_BEST_LOGITS, allow_pickle=False).shape == (16, N_CLASSES)
 
     resumed_reports = []
-    resumed = run_fold(model, data, cfg, accuracy, CPU, lambda m, d: resumed_reports.append(m), resume_dir=ckpt)
+    resumed = run_training(model, data, cfg, accuracy, CPU, lambda m, d: resumed_reports.append(m), resume_dir=ckpt)
     assert [r["epoch"] for r in resumed_reports] == [2, 3]
     for key in ("loss", "acc", "train_acc", "best_epoch"):
         assert [h[key] for h in resumed.state.history] == pytest.approx([h[key] for h in full_run.state.history])
     assert resumed.state.best_epoch == full_run.state.best_epoch
-    assert np.allclose(resumed.best_val_logits, full_run.best_val_logits, atol=1e-6)
+    assert np.allclose(resumed.best_eval_logits, full_run.best_eval_logits, atol=1e-6)
     assert all(torch.allclose(resumed.best_state[k], full_run.best_state[k], atol=1e-6) for k in trainable)
 
 
@@ -197,7 +197,7 @@ def test_workers_other_than_the_chief_report_without_checkpoint(fold):
     train, val = fold
     cfg = _cfg(epochs=2)
     seen = []
-    run_fold(_model(), local_fold_data(train, val, cfg, N_CLASSES), cfg, accuracy, CPU,
+    run_training(_model(), local_train_data(train, val, cfg, N_CLASSES), cfg, accuracy, CPU,
              lambda m, d: seen.append((m["epoch"], d)), is_chief=False)
     assert seen == [(1, None), (2, None)]
 
@@ -240,7 +240,7 @@ def test_a_ddp_wrapped_model_trains_and_checkpoints_unprefixed_names(fold, tmp_p
         names = {n for n, p in model.named_parameters() if p.requires_grad}
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         kept = []
-        outcome = run_fold(ddp, local_fold_data(train, val, cfg, N_CLASSES), cfg, accuracy, CPU,
+        outcome = run_training(ddp, local_train_data(train, val, cfg, N_CLASSES), cfg, accuracy, CPU,
                            lambda m, d: kept.append(set(load_file(str(d / "trainable.safetensors")))))
     finally:
         dist.destroy_process_group()
@@ -249,22 +249,23 @@ def test_a_ddp_wrapped_model_trains_and_checkpoints_unprefixed_names(fold, tmp_p
 
 
 def test_cpu_runs_in_fp32_whatever_the_precision():
-    from idengine.train.loop import autocast_dtype_for
+    from idengine.models.inference import autocast_dtype_for
 
-    assert {autocast_dtype_for(_cfg(precision=p), CPU) for p in ("auto", "bf16", "fp16", "fp32")} == {None}
+    assert {autocast_dtype_for(_cfg(precision=p).precision, CPU) for p in ("auto", "bf16", "fp16", "fp32")} == {None}
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_tiny_fold_trains_under_autocast_on_a_gpu(fold, precision):
-    from idengine.train.loop import autocast_dtype_for, train_fold_local
+    from idengine.models.inference import autocast_dtype_for
+    from idengine.train.loop import train_local
 
     train, val = fold
     cfg = _cfg(epochs=2, precision=precision, lr=1e-2)
     cuda = torch.device("cuda")
-    assert autocast_dtype_for(cfg, cuda) == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    outcome = train_fold_local(_model(), local_fold_data(train, val, cfg, N_CLASSES), cfg, accuracy, cuda)
+    assert autocast_dtype_for(cfg.precision, cuda) == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    outcome = train_local(_model(), local_train_data(train, val, cfg, N_CLASSES), cfg, accuracy, cuda)
     assert all(math.isfinite(h["loss"]) for h in outcome.state.history)
-    assert outcome.best_val_logits.dtype == np.float32 and outcome.best_val_logits.shape == (16, N_CLASSES)
+    assert outcome.best_eval_logits.dtype == np.float32 and outcome.best_eval_logits.shape == (16, N_CLASSES)
     assert all(t.device.type == "cpu" for t in outcome.best_state.values())

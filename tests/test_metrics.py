@@ -9,7 +9,7 @@ import pytest
 from scipy.special import softmax as scipy_softmax
 from sklearn import metrics as skm
 
-from idengine import metrics
+from idengine.evaluate import metrics
 
 KEYS_TOP5 = {"top1_acc", "top5_acc", "f1_macro", "f1_weighted", "log_loss", "brier", "pr_auc_macro",
              "pr_auc_weighted", "ece", "n"}

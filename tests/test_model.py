@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from fixtures_tiny import one_torch_thread, tiny_model_dir  # noqa: F401 (fixtures)
 from idengine.config import LoraSettings, ModelConfig
-from idengine.model import build_model, count_parameters, load_trainable_state, trainable_state_dict
+from idengine.models.transformer import build_model, count_parameters, load_trainable_state, trainable_state_dict
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -11,9 +11,11 @@ import pytest
 
 from idengine.config import DataConfig, PredictConfig
 from idengine.data.clean import normalise_sequence
-from idengine.data.load import InputError, read_fasta
-from idengine.export import load_artifact
-from idengine.predict import ERRORS_SUFFIX, iter_chunks, predict_file, predict_records
+from idengine.data.fasta import read_fasta
+from idengine.errors import InputError
+from idengine.deploy.artifact import load_artifact
+from idengine.deploy.predict import iter_chunks, predict_file
+from idengine.layout import ERRORS_SUFFIX
 from test_export import make_artifact
 
 DATA = Path(__file__).parent / "data"
@@ -104,10 +106,10 @@ def test_predict_in_process_writes_every_good_record_and_reports_every_bad_one(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calls.csv", "calls.csv.errors.csv", "q.fasta.gz"]
 
 
-def test_predict_records_matches_artifact_probabilities(artifact_dir):
+def test_artifact_calls_match_its_probabilities(artifact_dir):
     artifact = load_artifact(artifact_dir)
     records = real_records(12)
-    frame = predict_records(artifact, records["id"].tolist(), records["sequence"].tolist(), top_k=2)
+    frame = artifact.calls(records["id"].tolist(), records["sequence"].tolist(), top_k=2)
     probs = artifact.probabilities(records["sequence"].tolist())
     top = np.sort(probs, axis=1)[:, ::-1]
     assert np.array_equal(frame["top1_prob"].to_numpy(), top[:, 0])
@@ -131,7 +133,7 @@ def test_a_gzip_truncated_midway_keeps_the_records_before_it(tmp_path, artifact_
     (b"", "empty"),
     (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", "binary data"),
     (b"ACGTACGT\n>r1\nACGT\n", "text before the first"),
-    (gzip.compress(b">r1\n" + b"ACGT" * 5000)[:12], "gzip stream is corrupt"),
+    (gzip.compress(b">r1\n" + b"ACGT" * 5000)[:12], "gzip stream is truncated or corrupt"),
 ])
 def test_files_that_are_not_fasta_at_all_are_fatal(tmp_path, artifact_dir, content, message):
     bad = tmp_path / "bad.fasta"

@@ -14,10 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 from Bio.SeqIO.FastaIO import SimpleFastaParser
 
-from idengine import columns as C
+from idengine import layout as C
 from idengine.config import Config, DataConfig, load_config
-from idengine.data.load import InputError
-from idengine.data.prepare import prepare_dataset, read_prepared, read_unknown
+from idengine.errors import InputError
+from idengine.data.prepared import read_prepared, read_unknown
+from idengine.recipes.prepare import prepare_dataset
 
 DATA = Path(__file__).parent / "data"
 SAMPLE_FASTA = DATA / "12s_sample.fasta.gz"
@@ -198,6 +199,7 @@ def test_read_prepared_refuses_an_incomplete_directory(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.full_data
 def test_full_12s_fish_accounts_for_every_record(shared_12s, tmp_path):
     start = time.perf_counter()
     data = DataConfig(sequences=str(shared_12s / "sequences.fasta.gz"), labels=str(shared_12s / "labels.csv"))
@@ -215,6 +217,7 @@ def test_full_12s_fish_accounts_for_every_record(shared_12s, tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.full_data
 def test_full_12s_fish_with_the_protocol_folds(shared_12s, tmp_path):
     protocol = pd.read_csv(shared_12s / "protocol-folds.csv", dtype=str)
     data = DataConfig(

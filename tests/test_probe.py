@@ -11,13 +11,15 @@ import pytest
 import torch
 from conftest import tiny_test_config
 
-from idengine import columns as C
-from idengine import embed as E
-from idengine import probe as P
-from idengine.config import ModelConfig, with_values
-from idengine.data.prepare import read_prepared
+from idengine import layout as C
+from idengine.features import embeddings as E
+from idengine.models import probe as P
+from idengine.config import PROBE_HEADS, ModelConfig, with_values
+from idengine.models.inference import embed_rows, pool_hidden
+from idengine.models.transformer import load_backbone
+from idengine.data.prepared import read_prepared
 from idengine.data.tokenize import nt_token_ids
-from idengine.metrics import classification_metrics, softmax
+from idengine.evaluate.metrics import classification_metrics, softmax
 
 MAX_TOKENS = 400  # jobs/configs/tiny-cpu.yaml
 
@@ -39,7 +41,7 @@ def example(prepared_example):
     records, labels = read_prepared(prepared_example)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    x = E.embed_token_ids(E.load_backbone(ModelConfig(backbone="tiny")), _token_rows(records), batch_size=64)
+    x = embed_rows(load_backbone(ModelConfig(backbone="tiny")), _token_rows(records), batch_size=64)
     torch.set_num_threads(threads)
     return records, labels, x
 
@@ -53,8 +55,8 @@ def _fold(records: pd.DataFrame, fold: str) -> tuple[np.ndarray, np.ndarray]:
 def test_mean_pool_excludes_cls_and_padding():
     hidden = torch.tensor([[[9.0, 9.0], [1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
     mask = torch.tensor([[1, 1, 1, 0]])  # CLS, two tokens, one pad
-    assert E.pool_hidden(hidden, mask).tolist() == [[2.0, 3.0]]
-    assert E.pool_hidden(hidden, mask, "cls").tolist() == [[9.0, 9.0]]
+    assert pool_hidden(hidden, mask).tolist() == [[2.0, 3.0]]
+    assert pool_hidden(hidden, mask, "cls").tolist() == [[9.0, 9.0]]
 
 
 @pytest.mark.usefixtures("one_torch_thread")
@@ -71,9 +73,9 @@ def test_embeddings_equal_a_direct_mean_pool_and_ignore_padding(example, tiny_mo
     # The shortest record alone and padded to the longest one's length in a shared batch.
     short, long = int(np.argmin(lengths)), int(np.argmax(lengths))
     assert lengths[long] > 3 * lengths[short]
-    model = E.load_backbone(ModelConfig(backbone="tiny"))
-    alone = E.embed_token_ids(model, [rows[short]], batch_size=1)
-    padded = E.embed_token_ids(model, [rows[long], rows[short]], batch_size=2)
+    model = load_backbone(ModelConfig(backbone="tiny"))
+    alone = embed_rows(model, [rows[short]], batch_size=1)
+    padded = embed_rows(model, [rows[long], rows[short]], batch_size=2)
     np.testing.assert_allclose(padded[1], alone[0], atol=1e-5)
     np.testing.assert_allclose(padded[0], x[long], atol=1e-5)
 
@@ -81,10 +83,10 @@ def test_embeddings_equal_a_direct_mean_pool_and_ignore_padding(example, tiny_mo
 @pytest.mark.usefixtures("one_torch_thread")
 def test_a_checkpoint_dir_backbone_embeds_like_tiny(example, tiny_model_dir):
     records, _, x = example
-    model = E.load_backbone(ModelConfig(backbone=str(tiny_model_dir)))
+    model = load_backbone(ModelConfig(backbone=str(tiny_model_dir)))
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
     assert not any("pooler" in name for name, _ in model.named_parameters())
-    got = E.embed_token_ids(model, _token_rows(records)[:40], batch_size=16)
+    got = embed_rows(model, _token_rows(records)[:40], batch_size=16)
     np.testing.assert_allclose(got, x[:40], atol=1e-5)
 
 
@@ -104,7 +106,7 @@ def test_linear_probe_is_scikit_learns_logistic_regression(example):
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-@pytest.mark.parametrize("kind", P.PROBE_KINDS)
+@pytest.mark.parametrize("kind", PROBE_HEADS)
 def test_probabilities_cover_every_class_and_sum_to_one(example, kind):
     records, labels, x = example
     train, val = _fold(records, "1")
@@ -159,7 +161,7 @@ def test_bad_inputs_are_refused():
 def embedded(ray_session, prepared_example, tmp_path_factory):
     """A private copy of the prepared example and its first embed_table call (computed with Ray Data)."""
     prepared = tmp_path_factory.mktemp("probe") / "prepared"
-    shutil.copytree(prepared_example, prepared, ignore=shutil.ignore_patterns("tokens", E.EMBEDDINGS_DIR))
+    shutil.copytree(prepared_example, prepared, ignore=shutil.ignore_patterns("tokens", C.EMBEDDINGS_DIR))
     config = tiny_test_config(tmp_path_factory.mktemp("probe-runs"))
     return prepared, config, E.embed_table(prepared, config)
 
@@ -168,19 +170,19 @@ def embedded(ray_session, prepared_example, tmp_path_factory):
 def test_embed_table_matches_in_process_embeddings(embedded, example):
     prepared, _, table = embedded
     records, _, x = example
-    assert table.schema.field(E.EMBEDDING).type == pa.list_(pa.float32(), 64)
+    assert table.schema.field(C.EMBEDDING).type == pa.list_(pa.float32(), 64)
     assert table.column(C.ID).to_pylist() == records[C.ID].tolist()
     assert table.column(C.LABEL).to_pylist() == records[C.LABEL].tolist()
     assert table.column(C.FOLD).to_pylist() == records[C.FOLD].tolist()
     np.testing.assert_allclose(E.embedding_matrix(table), x, atol=1e-5)
-    (cache,) = (prepared / E.EMBEDDINGS_DIR).iterdir()  # one complete cache, no temporary directory left
+    (cache,) = (prepared / C.EMBEDDINGS_DIR).iterdir()  # one complete cache, no temporary directory left
     assert {p.name for p in cache.iterdir()} == {"embeddings.parquet", "_COMPLETE.json"}
 
 
 @pytest.mark.integration
 def test_a_second_call_reads_the_cache(embedded, monkeypatch):
     prepared, config, table = embedded
-    (cache,) = (prepared / E.EMBEDDINGS_DIR).iterdir()
+    (cache,) = (prepared / C.EMBEDDINGS_DIR).iterdir()
     written = (cache / "embeddings.parquet").stat().st_mtime_ns
 
     def must_not_run(*args, **kwargs):
@@ -196,20 +198,21 @@ def test_a_second_call_reads_the_cache(embedded, monkeypatch):
 
 
 @pytest.mark.integration
-def test_probe_fold_fn_returns_what_cv_expects(embedded):
-    from idengine.cv import _baseline_fold_fn
+def test_probe_fold_returns_what_a_kmer_fold_returns(embedded):
+    from idengine.features.embeddings import record_embeddings
+    from idengine.recipes.folds import kmer_fold, probe_fold
 
     prepared, config, _ = embedded
     records, labels = read_prepared(prepared)
-    result = P.probe_fold_fn(config, prepared, records, labels)("2")
-    baseline = _baseline_fold_fn(with_values(config, {"model.backbone": "kmer-nb"}), records, labels)("2")
-    assert set(result) == set(baseline) and set(result["val"]) == set(baseline["val"])
+    result = probe_fold(config, record_embeddings(prepared, config, records), records, labels, "2")
+    kmer = kmer_fold(with_values(config, {"model.kind": "kmer-nb"}), records, labels, "2")
+    assert set(result.summary()) == set(kmer.summary()) and set(result.val) == set(kmer.val)
     val = records[records[C.FOLD] == "2"]
-    assert result["ids"].tolist() == val[C.ID].tolist() and result["labels"].tolist() == val[C.LABEL].tolist()
-    assert result["logits"].shape == (len(val), labels.num_classes)
-    again = classification_metrics(result["labels"], softmax(result["logits"]), top_k=5)
-    assert again["pr_auc_macro"] == pytest.approx(result["val"]["pr_auc_macro"])
-    assert result["gap"] == pytest.approx(result["train"]["pr_auc_macro"] - result["val"]["pr_auc_macro"])
+    assert result.ids.tolist() == val[C.ID].tolist() and result.labels.tolist() == val[C.LABEL].tolist()
+    assert result.logits.shape == (len(val), labels.num_classes)
+    again = classification_metrics(result.labels, softmax(result.logits), top_k=5)
+    assert again["pr_auc_macro"] == pytest.approx(result.val["pr_auc_macro"])
+    assert result.gap == pytest.approx(result.train["pr_auc_macro"] - result.val["pr_auc_macro"])
 
 
 @pytest.mark.gpu
@@ -217,8 +220,8 @@ def test_probe_fold_fn_returns_what_cv_expects(embedded):
 def test_bf16_gpu_embeddings_and_probe_agree_with_the_cpu(example):
     records, labels, x = example
     device = torch.device("cuda")
-    model = E.load_backbone(ModelConfig(backbone="tiny")).to(device)
-    got = E.embed_token_ids(model, _token_rows(records), 64, device=device, autocast_dtype=torch.bfloat16)
+    model = load_backbone(ModelConfig(backbone="tiny")).to(device)
+    got = embed_rows(model, _token_rows(records), 64, device=device, autocast_dtype=torch.bfloat16)
     cosine = (got * x).sum(axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(x, axis=1)
     assert cosine.min() > 0.99
     train, val = _fold(records, "0")

@@ -14,13 +14,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from idengine import calibrate, cv, final
-from idengine import columns as C
+from idengine.data.splits import cv_folds
+from idengine.evaluate import calibrate, calls
+from idengine.evaluate.oof import fold_result, read_oof
+from idengine.recipes.cv import write_cv
+from idengine.report.markdown import final_markdown
+from idengine import layout as C
 from idengine.config import Config, DataConfig, ModelConfig, TrainConfig, save_config
-from idengine.data.prepare import prepare_dataset, read_prepared, read_unknown
-from idengine.metrics import classification_metrics, softmax
-from idengine.report import detect_run_kinds, write_report
-from idengine.report_plots import micro_pr_curve
+from idengine.data.prepared import read_prepared, read_unknown
+from idengine.recipes.prepare import prepare_dataset
+from idengine.evaluate.metrics import classification_metrics, softmax
+from idengine.report.run import detect_run_kinds, write_report
+from idengine.report.plots import micro_pr_curve
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "12s-fish-mini"
 PREPARE_IDS = ["overview", "prepare-counts", "class-balance", "length-distribution", "fold-sizes"]
@@ -80,7 +85,7 @@ def _write_cv_dir(prepared: Path, out: Path, signals=(0.5, 2.0, 1.5), with_train
     config = Config(model=ModelConfig(backbone="tiny", finetune="full"), train=TrainConfig(top_k=3))
     rng = np.random.default_rng(1)
     results = []
-    for fold in cv.cv_folds(records):
+    for fold in cv_folds(records[C.FOLD]):
         val = records[records[C.FOLD] == fold]
         y = val[C.LABEL].to_numpy()
         history, kept = [], []
@@ -97,9 +102,10 @@ def _write_cv_dir(prepared: Path, out: Path, signals=(0.5, 2.0, 1.5), with_train
             history.append(epoch_metrics)
             kept.append(logits)
         best = int(np.argmax([h["pr_auc_macro"] for h in history]))
-        result = cv._fold_result(fold, val[C.ID].to_numpy(), y, kept[best], history[best], history, config)
-        results.append({**result, "seconds": 1.5 + int(fold)})
-    return cv._write_cv(out, config, results, labels.num_classes)
+        result = fold_result(fold, val[C.ID].to_numpy(), y, kept[best], history[best], history, "pr_auc_macro")
+        result.seconds = 1.5 + int(fold)
+        results.append(result)
+    return write_cv(out, config, results, labels.num_classes)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +152,7 @@ def test_prepare_report_accounts_for_every_record(runs, caplog):
 
 
 def test_cv_fold_table_equals_metrics_json(runs, cv_page):
-    metrics = json.loads((runs["cv"] / cv.METRICS_FILE).read_text())
+    metrics = json.loads((runs["cv"] / C.METRICS_FILE).read_text())
     assert detect_run_kinds(runs["cv"]) == ["cv"]
     _, _, dom = cv_page
     assert dom.sections == CV_IDS
@@ -165,7 +171,7 @@ def test_cv_fold_table_equals_metrics_json(runs, cv_page):
 
 
 def test_cv_confused_pairs_name_species_from_the_sibling_label_map(runs, cv_page):
-    _, _, y, logits = cv.read_oof(runs["cv"])
+    _, _, y, logits = read_oof(runs["cv"])
     pred = logits.argmax(axis=1)
     pairs = pd.Series(list(zip(y[y != pred], pred[y != pred]))).value_counts()
     labels = json.loads((runs["prepared"] / C.LABEL_MAP_FILE).read_text())["labels"]
@@ -248,19 +254,25 @@ def test_tune_trials_ranked_with_stopped_trials_last(tmp_path):
 def _write_train_dir(runs, out: Path) -> dict:
     """A train directory in final.py's / export.py's formats, filled by the real calibrate and final functions."""
     records, labels = read_prepared(runs["prepared"])
-    config = Config(train=TrainConfig(top_k=3))
-    _, _, y, logits = cv.read_oof(runs["cv"])
+    _, _, y, logits = read_oof(runs["cv"])
     calibrator = calibrate.fit_calibrator(logits, y)
     choice = calibrate.choose_threshold(calibrator.apply(logits), y, 0.9)
-    calibrate.reliability_diagram(softmax(logits), calibrator.apply(logits), y, out / final.RELIABILITY_PNG)
+    from idengine.report.plots import reliability_comparison_figure, save_png
+    from idengine.evaluate.metrics import expected_calibration_error, reliability_bins
+
+    before, after = softmax(logits), calibrator.apply(logits)
+    save_png(reliability_comparison_figure(reliability_bins(y, before), reliability_bins(y, after),
+                                           expected_calibration_error(y, before), expected_calibration_error(y, after),
+                                           y.size), out / C.RELIABILITY_PNG)
     rng = np.random.default_rng(2)
     test_y = records.loc[records[C.FOLD] == C.TEST_FOLD, C.LABEL].to_numpy()
     test_logits = _fold_logits(rng, test_y, labels.num_classes, 2.0)
     probs = calibrator.apply(test_logits)
     truth = labels.taxonomy_table().loc[test_y].reset_index(drop=True)
+    test_calls = calls.calls_for(probs, labels, choice.threshold, True)
     unknown = read_unknown(runs["prepared"])
     unknown_probs = calibrator.apply(rng.normal(size=(len(unknown), labels.num_classes)))
-    cv_metrics = json.loads((runs["cv"] / cv.METRICS_FILE).read_text())
+    cv_metrics = json.loads((runs["cv"] / C.METRICS_FILE).read_text())
     metrics = {
         "model": "tiny (full)", "cv": {"mean": cv_metrics["mean"], "monitor": "pr_auc_macro", "dir": str(runs["cv"])},
         "training": {"epochs": 2, "cv_best_epochs": [2, 2, 2], "seconds": 1.0, "history": []},
@@ -269,10 +281,11 @@ def _write_train_dir(runs, out: Path) -> dict:
         "test": {"n": int(test_y.size), "before_calibration": classification_metrics(test_y, softmax(test_logits), 3),
                  "after_calibration": classification_metrics(test_y, probs, 3),
                  "calibration": calibrate.calibration_report(test_logits, test_y, calibrator),
-                 "calls": final.calls_summary(final.make_calls(probs, labels, choice.threshold, config), truth)},
-        "open_set": final.score_open_set(unknown, unknown_probs, labels, choice.threshold, config, probs, test_y),
+                 "calls": calls.calls_summary(test_calls, truth)},
+        "open_set": calls.open_set_report(calls.calls_for(unknown_probs, labels, choice.threshold, True),
+                                          unknown.reindex(columns=[C.SPECIES, *labels.ranks]), test_calls, truth),
     }
-    final.report_markdown(metrics)  # final.py's own reader accepts this metrics.json: the format is the real one
+    final_markdown(metrics)  # the train recipe's own reader accepts this metrics.json: the format is the real one
     (out / "metrics.json").write_text(json.dumps(metrics))
     (out / "calibration.json").write_text(json.dumps({
         "calibrator": calibrator.to_dict(), "threshold": choice.threshold, "target_precision": 0.9,

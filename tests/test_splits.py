@@ -9,11 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from idengine import columns as C
+from idengine import layout as C
 from idengine.config import DataConfig
 from idengine.data.clean import clean_barcodes
-from idengine.data.load import InputError, load_barcodes
-from idengine.data.splits import LabelSpace, make_folds, read_folds_file, species_missing_from_training
+from idengine.data.load import load_barcodes
+from idengine.errors import InputError
+from idengine.data.labels import LabelSpace
+from idengine.data.splits import make_folds, read_folds_file, species_missing_from_training
 
 DATA = Path(__file__).parent / "data"
 CFG = DataConfig(sequences=str(DATA / "12s_sample.fasta.gz"), labels=str(DATA / "12s_sample_labels.csv"))

@@ -48,6 +48,13 @@ def test_published_example(nt_tokenizer, tmp_path):
     assert reloaded.model_max_length == 1000
 
 
+def test_fast_ids_identical_on_every_real_sequence_in_the_repo(nt_tokenizer, records_12s):
+    assert len(records_12s) > 600 and records_12s["sequence"].str.contains("N").sum() > 0  # IUPAC codes became N
+    fast = nt_token_ids(records_12s["sequence"].tolist())
+    assert [f.tolist() for f in fast] == _reference_ids(nt_tokenizer, records_12s["sequence"])
+
+
+@pytest.mark.full_data
 def test_fast_ids_identical_on_2000_real_sequences(nt_tokenizer):
     records = read_12s_records(limit=2000)
     assert len(records) == 2000 and records["sequence"].str.contains("N").sum() > 0  # IUPAC codes became N

@@ -4,7 +4,7 @@ import pytest
 from ray import tune as ray_tune
 
 from idengine.config import load_config
-from idengine.tune import max_concurrent_trials, search_space, trial_resources
+from idengine.recipes.tune import max_concurrent_trials, search_space, trial_resources
 
 
 def test_search_space_becomes_tune_domains():

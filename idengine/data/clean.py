@@ -21,7 +21,7 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from idengine import columns as C
+from idengine import layout as C
 from idengine.config import DataConfig
 
 logger = logging.getLogger(__name__)
@@ -62,24 +62,44 @@ def normalise_sequence(raw: str) -> tuple[str, set[str], dict[str, bool]]:
     return bases.translate(_TO_DNA), invalid, flags
 
 
-def _first_reason(raw: str, seq: str, invalid: set[str], species: Any, cfg: DataConfig) -> tuple[str, str] | None:
-    """The first drop reason (step 2) that applies to one record, with a detail; None when the record is kept."""
+def check_sequence(raw: str, cfg: DataConfig) -> tuple[str, str, str]:
+    """Normalise one sequence and say whether a model can use it: the one rule for references and queries alike.
+
+    Args:
+        raw: the sequence as read.
+        cfg: the thresholds (min_len_bp, max_len_bp, max_n_fraction); a query is held to those its model was
+            trained with.
+
+    Returns:
+        (cleaned sequence, reason, detail); reason is "" for a usable sequence, else the first that applies of
+        `empty_sequence`, `invalid_characters`, `too_short`, `too_long`, `too_many_n`.
+    """
+    seq, invalid, _flags = normalise_sequence(raw)
     if not seq and not invalid:
-        return "empty_sequence", "no bases after the header" if not raw.strip() else "only gaps/whitespace"
+        return seq, "empty_sequence", "no bases after the header" if not raw.strip() else "only gaps/whitespace"
     if invalid:
         shown = "".join(sorted(invalid))[:20]
-        position = _first_at(raw, invalid)
-        return "invalid_characters", f"not nucleotides/IUPAC/gaps: {shown!r} (first at position {position})"
-    if species is None or (isinstance(species, float) and np.isnan(species)) or not str(species).strip():
-        return "empty_species", "species value is empty in labels.csv"
+        return seq, "invalid_characters", f"not nucleotides/IUPAC/gaps: {shown!r} (first at position " \
+                                          f"{_first_at(raw, invalid)}; a protein or a table given as sequences?)"
     if len(seq) < cfg.min_len_bp:
-        return "too_short", f"{len(seq)} bp < min_len_bp={cfg.min_len_bp}"
+        return seq, "too_short", f"{len(seq)} bp < min_len_bp={cfg.min_len_bp}"
     if len(seq) > cfg.max_len_bp:
-        return "too_long", f"{len(seq)} bp > max_len_bp={cfg.max_len_bp}"
+        return seq, "too_long", f"{len(seq)} bp > max_len_bp={cfg.max_len_bp}"
     n_fraction = seq.count("N") / len(seq)
     if n_fraction > cfg.max_n_fraction:
-        return "too_many_n", f"N fraction {n_fraction:.3f} > max_n_fraction={cfg.max_n_fraction}"
-    return None
+        return seq, "too_many_n", f"N fraction {n_fraction:.3f} > max_n_fraction={cfg.max_n_fraction}"
+    return seq, "", ""
+
+
+def _first_reason(raw: str, species: Any, cfg: DataConfig) -> tuple[str, tuple[str, str] | None]:
+    """The cleaned sequence and the first drop reason of step 2 for one reference record (None: kept); an empty
+    species comes after the two reasons that say the sequence is not one at all, as REASON_ORDER lists."""
+    seq, reason, detail = check_sequence(raw, cfg)
+    if reason in ("empty_sequence", "invalid_characters"):
+        return seq, (reason, detail)
+    if species is None or (isinstance(species, float) and np.isnan(species)) or not str(species).strip():
+        return seq, ("empty_species", "species value is empty in labels.csv")
+    return seq, ((reason, detail) if reason else None)
 
 
 def _first_at(raw: str, invalid: set[str]) -> int:
@@ -100,10 +120,9 @@ def drop_bad_records(table: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame
     normalised = {"lowercase": 0, "rna_u": 0, "gaps": 0, "whitespace": 0, "iupac": 0}
     cleaned, keep, dropped = [], [], []
     for rid, raw, species in zip(table[C.ID], table[C.SEQUENCE], table[C.SPECIES]):
-        seq, invalid, flags = normalise_sequence(raw)
-        for key, applied in flags.items():
+        for key, applied in normalise_sequence(raw)[2].items():
             normalised[key] += int(applied)
-        reason = _first_reason(raw, seq, invalid, species, cfg)
+        seq, reason = _first_reason(raw, species, cfg)
         keep.append(reason is None)
         cleaned.append(seq)
         if reason is not None:

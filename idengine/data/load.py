@@ -1,10 +1,10 @@
-"""Step 1, load: FASTA (plain or gzip) + labels.csv (+ vectors.csv, clusters.csv) -> one table joined by id.
+"""Step 1b, load: the reference FASTA (`fasta.py`) + labels.csv (+ vectors.csv, clusters.csv) -> one table by id.
 
-Accepted and normalised here: gzip (found by its magic bytes), a UTF-8 BOM, CRLF line endings, wrapped FASTA lines.
-Rejected with `InputError` (a message naming the file, the line or id, and what to do): an empty file, text before
-the first FASTA header, binary bytes, a truncated gzip, a CSV without an `id`/`species` column, duplicate ids and ids
-that do not match across files. The last two may instead be dropped and counted (`DataConfig.drop_duplicate_ids`,
-`DataConfig.drop_unmatched_ids`). Cleaning the bases is step 2 (`clean.py`); sequences are returned as read.
+Accepted and normalised here: gzip (found by its magic bytes), a UTF-8 BOM, CRLF line endings. Rejected with
+`InputError` (a message naming the file, the line or id, and what to do): an empty or binary file, a truncated gzip,
+a CSV without an `id`/`species` column, duplicate ids and ids that do not match across files. The last two may
+instead be dropped and counted (`DataConfig.drop_duplicate_ids`, `DataConfig.drop_unmatched_ids`). Cleaning the
+bases is step 2 (`clean.py`); sequences are returned as read.
 """
 
 from __future__ import annotations
@@ -17,34 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from Bio.SeqIO.FastaIO import SimpleFastaParser
 
-from idengine import columns as C
+from idengine import layout as C
 from idengine.config import DataConfig
+from idengine.data.fasta import GZIP_MAGIC, read_fasta
+from idengine.errors import InputError, describe_ids
 
 logger = logging.getLogger(__name__)
 
-GZIP_MAGIC = b"\x1f\x8b"
 BOM = "\ufeff"
-SHOW_FIRST = 5
-"""How many offending ids an error message lists before giving the count."""
 MISSING_VALUES = frozenset({"", "na", "n/a", "nan", "none", "null"})
 """Cell values (case-insensitive, stripped) read as missing in labels.csv: R and pandas write these for NA."""
-
-
-class InputError(ValueError):
-    """An input file is unusable as given. The message names the file, the line or id, and what to do.
-
-    The CLI turns it into exit code 2.
-    """
-
-
-def describe_ids(ids: list[str] | pd.Index | pd.Series) -> str:
-    """`3 id(s): 'a', 'b', 'c'`: the count and the first few offenders, for error messages."""
-    ids = list(dict.fromkeys(str(i) for i in ids))
-    head = ", ".join(repr(i) for i in ids[:SHOW_FIRST])
-    more = f" and {len(ids) - SHOW_FIRST} more" if len(ids) > SHOW_FIRST else ""
-    return f"{len(ids)} id(s): {head}{more}"
 
 
 def read_bytes(path: str | Path) -> tuple[bytes, bool]:
@@ -107,64 +90,6 @@ def decode_text(raw: bytes, path: str | Path) -> tuple[str, dict[str, int]]:
     if crlf:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     return text, {"bom": bom, "crlf": crlf}
-
-
-def _check_fasta_start(text: str, path: str | Path) -> None:
-    """SimpleFastaParser silently skips text before the first header: refuse it, naming the line."""
-    for number, line in enumerate(text.split("\n", 50), start=1):
-        if line.strip():
-            if not line.startswith(">"):
-                raise InputError(
-                    f"{path}: line {number} has sequence text before the first '>' header ({line[:40]!r}); "
-                    "every FASTA record must start with a '>id' line"
-                )
-            return
-    raise InputError(f"{path}: the file is empty; expected FASTA records ('>id' lines followed by sequence lines)")
-
-
-def read_fasta(path: str | Path) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Read a FASTA file (plain or gzip) with Biopython; the id is the first word of each header.
-
-    An empty record (a header with no sequence) is returned with an empty sequence: cleaning drops it as
-    `empty_sequence`, counted by id, rather than stopping the run.
-
-    Args:
-        path: FASTA file.
-
-    Returns:
-        DataFrame with `id` and `sequence` (as read: wrapped lines joined, nothing else changed), in file order,
-        and counts {"gzip", "bom", "crlf"}.
-
-    Raises:
-        InputError: empty file, text before the first header, binary bytes, truncated gzip, a header with no id.
-    """
-    raw, was_gzip = read_bytes(path)
-    if not raw.strip():
-        raise InputError(f"{path}: the file is empty; expected FASTA records ('>id' lines followed by sequence lines)")
-    text, counts = decode_text(raw, path)
-    _check_fasta_start(text, path)
-    ids, seqs = [], []
-    for title, seq in SimpleFastaParser(io.StringIO(text)):
-        words = title.split(None, 1)
-        if not words:
-            line = _header_line(text, len(ids))
-            raise InputError(f"{path}: the header at line {line} has no id; write '>id' (the id joins labels.csv)")
-        ids.append(words[0])
-        seqs.append(seq)
-    counts["gzip"] = int(was_gzip)
-    logger.info("read %d FASTA records from %s", len(ids), path)
-    return pd.DataFrame({C.ID: ids, C.SEQUENCE: seqs}, dtype=object), counts
-
-
-def _header_line(text: str, index: int) -> int:
-    """Line number of the index-th header (0-based), only computed for an error message."""
-    seen = -1
-    for number, line in enumerate(text.split("\n"), start=1):
-        if line.startswith(">"):
-            seen += 1
-            if seen == index:
-                return number
-    return -1
 
 
 def read_table(path: str | Path, required: tuple[str, ...], role: str) -> tuple[pd.DataFrame, dict[str, int]]:
@@ -334,10 +259,11 @@ def load_barcodes(cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
         "records_read": n_read,
         "label_rows_read": int(len(sides[0][2])),
         "normalised": {  # files (of sequences and labels) that needed it
-            "gzip": fasta_counts["gzip"],
-            "bom": fasta_counts["bom"] + label_counts["bom"],
-            "crlf": int(fasta_counts["crlf"] > 0) + int(label_counts["crlf"] > 0),
-            "crlf_or_bom": sum(int(c["bom"] > 0 or c["crlf"] > 0) for c in (fasta_counts, label_counts)),
+            "gzip": fasta_counts.gzip,
+            "bom": fasta_counts.bom + label_counts["bom"],
+            "crlf": int(fasta_counts.crlf > 0) + int(label_counts["crlf"] > 0),
+            "crlf_or_bom": int(fasta_counts.bom > 0 or fasta_counts.crlf > 0)
+            + int(label_counts["bom"] > 0 or label_counts["crlf"] > 0),
         },
         "dropped": {str(k): int(v) for k, v in reasons.items()},
         "unmatched_rows": unmatched,

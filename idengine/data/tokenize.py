@@ -1,4 +1,4 @@
-"""Step 6, tokenize: cleaned sequence -> Nucleotide Transformer 6-mer token ids, plus the collate fn for training.
+"""Step 3c, tokenize: cleaned sequence -> Nucleotide Transformer 6-mer token ids, plus the collate fn for training.
 
 `tokenize_batch` is the function Ray Data `map_batches` calls (see `data/ray_tokenize.py`); `collate` pads a batch
 of ragged ids for the model. Both are plain numpy/torch so they can be tested without a cluster.
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from idengine.columns import ID, INPUT_IDS, LABEL, N_TOKENS, SEQUENCE, TRUNCATED
+from idengine.layout import ID, INPUT_IDS, LABEL, N_TOKENS, SEQUENCE, TRUNCATED
 from idengine.config import TINY_BACKBONE
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,8 @@
-"""Step 9, train: one fold's epochs as a plain PyTorch loop (no Ray).
+"""Step 8a, train: one training run's epochs (a cv fold, or the final model) as a plain PyTorch loop (no Ray).
 
-Weighted cross-entropy, AdamW with warm-up, gradient accumulation and clipping, per-epoch validation with a
+Weighted cross-entropy, AdamW with warm-up, gradient accumulation and clipping, per-epoch evaluation with a
 train-vs-validation gap, early stopping, and checkpoints that hold only the trainable parameters (adapter + head).
-`train/ray_train.py` runs `run_fold` on each Ray Train worker; `train_fold_local` runs it in-process.
+`train/ray_train.py` runs `run_training` on each Ray Train worker; `train_local` runs it in-process.
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from idengine.columns import INPUT_IDS, LABEL
 from idengine.config import TrainConfig
+from idengine.data.splits import train_eval_sample
 from idengine.data.tokenize import PAD_ID, collate
-from idengine.model import load_trainable_state, trainable_state_dict, unwrap
-from idengine.train.checkpoint import FoldState, load_checkpoint, save_checkpoint
+from idengine.layout import INPUT_IDS, LABEL
+from idengine.models.inference import autocast_dtype_for, forward_logits
+from idengine.models.transformer import load_trainable_state, trainable_state_dict, unwrap
+from idengine.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +39,14 @@ _SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_wit
 
 
 @dataclass
-class FoldData:
+class TrainData:
     """What the loop needs from the data pipeline; batches are already collated (see `data.tokenize.collate`)."""
 
     train_batches: Callable[[int], Iterable[Batch]]
     """epoch (0-based) -> that epoch's shuffled training micro-batches, on the CPU."""
-    val_batches: Callable[[], Iterable[Batch]]
-    """The validation fold's batches (the same on every worker, so every worker takes the same stopping decision)."""
+    eval_batches: Callable[[], Iterable[Batch]]
+    """The evaluation part's batches: the validation fold, or the test split for the final model (the same on every
+    worker, so every worker takes the same stopping decision)."""
     train_eval_batches: Callable[[], Iterable[Batch]]
     """A fixed sample of the training fold, scored each epoch for the train-vs-validation gap."""
     steps_per_epoch: int
@@ -53,13 +56,13 @@ class FoldData:
 
 
 @dataclass
-class FoldOutcome:
-    """A finished fold: its progress, the best epoch's trainable parameters and validation logits."""
+class TrainOutcome:
+    """A finished run: its progress, the best epoch's trainable parameters and evaluation logits."""
 
-    state: FoldState
+    state: TrainState
     best_state: dict[str, torch.Tensor]
-    best_val_logits: np.ndarray
-    val_labels: np.ndarray
+    best_eval_logits: np.ndarray
+    eval_labels: np.ndarray
 
 
 def class_weights(labels: np.ndarray, num_classes: int, scheme: str, beta: float) -> torch.Tensor | None:
@@ -112,25 +115,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_st
 
     warmup = int(round(cfg.warmup_fraction * total_steps))
     return get_scheduler(_SCHEDULERS[cfg.scheduler], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-
-
-def autocast_dtype_for(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `cfg.precision` on `device`: None (fp32) on a CPU, bf16/fp16 on CUDA."""
-    if device.type != "cuda" or cfg.precision == "fp32":
-        return None
-    elif cfg.precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if cfg.precision == "bf16" else torch.float16
-
-
-def forward_logits(model: nn.Module, batch: Batch, device: torch.device, autocast_dtype: torch.dtype | None):
-    """The model's logits for one collated batch, under autocast when a dtype is given."""
-    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        out = model(
-            input_ids=batch["input_ids"].to(device, non_blocking=True),
-            attention_mask=batch["attention_mask"].to(device, non_blocking=True),
-        )
-    return out.logits
 
 
 def _windows(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
@@ -214,23 +198,26 @@ def predict_logits(
     return np.concatenate(logits), np.concatenate(labels).astype(np.int64)
 
 
-def _score_epoch(model, data: FoldData, cfg: TrainConfig, score, device, autocast_dtype):
-    """Validation metrics, `train_` metrics on the training sample, and `gap_<monitor>`."""
-    val_logits, val_labels = predict_logits(model, data.val_batches(), device, autocast_dtype)
-    metrics = {k: float(v) for k, v in score(val_logits, val_labels).items()}
+def _score_epoch(model, data: TrainData, cfg: TrainConfig, score, device, autocast_dtype):
+    """Evaluation metrics, `train_` metrics on the training sample, and `gap_<monitor>`."""
+    eval_logits, eval_labels = predict_logits(model, data.eval_batches(), device, autocast_dtype)
+    metrics = {k: float(v) for k, v in score(eval_logits, eval_labels).items()}
     if cfg.monitor not in metrics:
         raise KeyError(f"the score function returned {sorted(metrics)}, without train.monitor {cfg.monitor!r}")
     train_logits, train_labels = predict_logits(model, data.train_eval_batches(), device, autocast_dtype)
     metrics.update({f"train_{k}": float(v) for k, v in score(train_logits, train_labels).items()})
     metrics[f"gap_{cfg.monitor}"] = metrics[f"train_{cfg.monitor}"] - metrics[cfg.monitor]
-    return metrics, val_logits, val_labels
+    return metrics, eval_logits, eval_labels
 
 
-def _update_state(state: FoldState, value: float, metrics: dict) -> bool:
-    """Count the epoch, track the best score (NaN never wins) and return whether this epoch is the new best."""
+def _update_state(state: TrainState, value: float, metrics: dict, select_best: bool) -> bool:
+    """Count the epoch, track the best score (NaN never wins) and return whether this epoch is the new best.
+
+    Without `select_best` (the final model) the last epoch is always kept, whatever the scores.
+    """
     value = -math.inf if math.isnan(value) else value
     state.epoch += 1
-    improved = state.best_epoch < 0 or value > state.best_score
+    improved = not select_best or state.best_epoch < 0 or value > state.best_score
     if improved:
         state.best_score, state.best_epoch, state.epochs_since_best = value, state.epoch, 0
     else:
@@ -240,100 +227,118 @@ def _update_state(state: FoldState, value: float, metrics: dict) -> bool:
     return improved
 
 
-def _report_epoch(report, metrics, is_chief, model, optimizer, scheduler, state, best_state, best_logits, scaler):
+@dataclass
+class _Run:
+    """The optimisation state of one run, built once: what each epoch updates and each checkpoint saves."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler | None
+    autocast_dtype: torch.dtype | None
+    config_yaml: str
+
+
+def _report_epoch(report, metrics, is_chief, model, run: _Run, state, best_state, best_logits):
     """Every worker reports; the chief attaches a fresh checkpoint dir, deleted once `report` has returned."""
     if not is_chief:
         return report(metrics, None)
-    directory = Path(tempfile.mkdtemp(prefix="idengine-fold-ckpt-"))
+    directory = Path(tempfile.mkdtemp(prefix="idengine-ckpt-"))
     try:
-        save_checkpoint(directory, model, optimizer, scheduler, state, best_state, best_logits, scaler)
+        save_checkpoint(directory, model, run.optimizer, run.scheduler, state, best_state, best_logits,
+                        run.config_yaml, run.scaler)
         report(metrics, directory)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def run_fold(
-    model: nn.Module, data: FoldData, cfg: TrainConfig, score: Callable[[np.ndarray, np.ndarray], dict[str, float]],
+def _epoch(model, data: TrainData, cfg: TrainConfig, score, device, run: _Run, weights, state: TrainState,
+           select_best: bool) -> tuple[dict, np.ndarray, np.ndarray | None]:
+    """Train one epoch, then score it (every epoch when selecting the best, else only after the last one)."""
+    torch.manual_seed(cfg.seed + state.epoch)  # dropout per epoch: a resumed run replays the same draws
+    stats = train_epoch(model, data.train_batches(state.epoch), run.optimizer, run.scheduler, cfg, weights, device,
+                        run.autocast_dtype, run.scaler, max_steps=data.steps_per_epoch)
+    eval_labels = None
+    if select_best or state.epoch + 1 == cfg.epochs:
+        metrics, eval_logits, eval_labels = _score_epoch(model, data, cfg, score, device, run.autocast_dtype)
+    else:
+        metrics, eval_logits = {cfg.monitor: math.nan}, np.zeros((0,), dtype=np.float32)
+    metrics.update(epoch=state.epoch + 1, loss=stats["loss"], seconds=stats["seconds"],
+                   tokens_per_s=stats["tokens"] / max(stats["seconds"], 1e-9))
+    return metrics, eval_logits, eval_labels
+
+
+def run_training(
+    model: nn.Module, data: TrainData, cfg: TrainConfig, score: Callable[[np.ndarray, np.ndarray], dict[str, float]],
     device: torch.device, report: Callable[[dict, Path | None], None], resume_dir: Path | None = None,
-    is_chief: bool = True, select_best: bool = True,
-) -> FoldOutcome:
-    """Train one fold: epochs of train_epoch + scoring, early stopping on `cfg.monitor`, a report per epoch.
+    is_chief: bool = True, select_best: bool = True, config_yaml: str = "",
+) -> TrainOutcome:
+    """Train one run: epochs of train_epoch + scoring, early stopping on `cfg.monitor`, a report per epoch.
 
     Args:
-        model: from build_model, already on `device` (and DDP-wrapped by the caller if distributed).
-        data, cfg: the fold's batches; training settings (epochs, lr, schedule, patience, monitor, precision, seed).
+        model, data, cfg: from build_model, on `device` (DDP-wrapped by the caller if distributed); the batches;
+            training settings (epochs, lr, schedule, patience, monitor, precision, seed).
         score: (logits, labels) -> metrics that include cfg.monitor (higher is better).
-        device: the device of the model.
         report: called once per epoch on every worker with the metrics and, on the chief, a checkpoint directory
             that is deleted when report returns (so report must copy or upload it synchronously).
-        resume_dir: a save_checkpoint directory to continue from.
-        is_chief: this worker writes checkpoints and logs.
+        resume_dir: a save_checkpoint directory to continue from; is_chief: this worker writes checkpoints and logs.
         select_best: False for the final model: exactly cfg.epochs epochs, no early stopping, the last epoch is kept,
-            and the validation data (the held-out test split) is scored once, after the last epoch, so that it
+            and the evaluation data (the held-out test split) is scored once, after the last epoch, so that it
             can never influence training.
+        config_yaml: the resolved config, stored in every checkpoint.
 
     Returns:
-        The FoldOutcome; the model is left holding the best epoch's trainable parameters.
+        The TrainOutcome; the model is left holding the best epoch's trainable parameters.
     """
-    autocast_dtype = autocast_dtype_for(cfg, device)
-    scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
+    autocast_dtype = autocast_dtype_for(cfg.precision, device)
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, cfg.epochs * math.ceil(data.steps_per_epoch / cfg.grad_accum_steps))
-    state, best_state, best_logits, val_labels = FoldState(), None, None, None
+    run = _Run(optimizer, build_scheduler(optimizer, cfg, cfg.epochs * math.ceil(data.steps_per_epoch /
+                                                                              cfg.grad_accum_steps)),
+               torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None, autocast_dtype,
+               config_yaml)
+    state, best_state, best_logits, eval_labels = TrainState(), None, None, None
     if resume_dir is not None:
-        state, best_state, best_logits = load_checkpoint(resume_dir, model, optimizer, scheduler, scaler)
+        state, best_state, best_logits = load_checkpoint(resume_dir, model, run.optimizer, run.scheduler, run.scaler)
         log.info("resumed after epoch %d (best epoch %d)", state.epoch, state.best_epoch)
     weights = data.class_weights.to(device) if data.class_weights is not None else None
-    while state.epoch < cfg.epochs and not (select_best and cfg.patience > 0
-                                             and state.epochs_since_best >= cfg.patience):
-        torch.manual_seed(cfg.seed + state.epoch)  # dropout per epoch: a resumed fold replays the same draws
-        stats = train_epoch(model, data.train_batches(state.epoch), optimizer, scheduler, cfg, weights, device,
-                            autocast_dtype, scaler, max_steps=data.steps_per_epoch)
-        last = state.epoch + 1 == cfg.epochs
-        if select_best or last:
-            metrics, val_logits, val_labels = _score_epoch(model, data, cfg, score, device, autocast_dtype)
-        else:
-            metrics, val_logits = {cfg.monitor: math.nan}, np.zeros((0,), dtype=np.float32)
-        metrics.update(epoch=state.epoch + 1, loss=stats["loss"], seconds=stats["seconds"],
-                       tokens_per_s=stats["tokens"] / max(stats["seconds"], 1e-9))
-        improved = _update_state(state, metrics[cfg.monitor], metrics)
-        if not select_best:  # the final model keeps its last epoch, whatever the scores
-            state.best_epoch, state.best_score, improved = state.epoch, metrics[cfg.monitor], True
-            metrics.update(best_epoch=state.best_epoch, best_score=state.best_score)
-        if improved:
-            best_state, best_logits = trainable_state_dict(model), val_logits
+    while state.epoch < cfg.epochs and not (select_best and 0 < cfg.patience <= state.epochs_since_best):
+        metrics, eval_logits, labels = _epoch(model, data, cfg, score, device, run, weights, state, select_best)
+        eval_labels = labels if labels is not None else eval_labels
+        if _update_state(state, metrics[cfg.monitor], metrics, select_best):
+            best_state, best_logits = trainable_state_dict(model), eval_logits
         if is_chief:
-            log.info("epoch %d/%d loss %.4f val %s %.4f train %s %.4f tokens/s %.0f", state.epoch, cfg.epochs,
-                     stats["loss"], cfg.monitor, metrics[cfg.monitor], cfg.monitor,
+            log.info("epoch %d/%d loss %.4f eval %s %.4f train %s %.4f tokens/s %.0f", state.epoch, cfg.epochs,
+                     metrics["loss"], cfg.monitor, metrics[cfg.monitor], cfg.monitor,
                      metrics.get(f"train_{cfg.monitor}", math.nan), metrics["tokens_per_s"])
-        _report_epoch(report, metrics, is_chief, model, optimizer, scheduler, state, best_state, best_logits, scaler)
+        _report_epoch(report, metrics, is_chief, model, run, state, best_state, best_logits)
+    if eval_labels is None:  # resumed a run that had already finished: no epoch ran here, so report its end again
+        _report_epoch(report, dict(state.history[-1]), is_chief, model, run, state, best_state, best_logits)
+        eval_labels = np.concatenate([b["labels"].numpy() for b in data.eval_batches()])
     load_trainable_state(model, best_state)
-    if val_labels is None:  # resumed a fold that had already finished: no epoch ran here
-        val_labels = np.concatenate([b["labels"].numpy() for b in data.val_batches()])
-    return FoldOutcome(state=state, best_state=best_state, best_val_logits=best_logits, val_labels=val_labels)
+    return TrainOutcome(state=state, best_state=best_state, best_eval_logits=best_logits, eval_labels=eval_labels)
 
 
-def train_fold_local(
-    model: nn.Module, data: FoldData, cfg: TrainConfig, score: Callable[[np.ndarray, np.ndarray], dict[str, float]],
+def train_local(
+    model: nn.Module, data: TrainData, cfg: TrainConfig, score: Callable[[np.ndarray, np.ndarray], dict[str, float]],
     device: torch.device,
-) -> FoldOutcome:
-    """run_fold in this process, without Ray: moves the model to `device`; reports are only logged."""
+) -> TrainOutcome:
+    """run_training in this process, without Ray: moves the model to `device`; reports are only logged."""
 
     def report(metrics: dict, checkpoint_dir: Path | None) -> None:
         log.debug("epoch %s metrics %s", metrics.get("epoch"), metrics)
 
-    return run_fold(model.to(device), data, cfg, score, device, report)
+    return run_training(model.to(device), data, cfg, score, device, report)
 
 
-def local_fold_data(
-    train: dict[str, np.ndarray], val: dict[str, np.ndarray], cfg: TrainConfig, num_classes: int, pad_id: int = PAD_ID
-) -> FoldData:
-    """FoldData over in-memory tokenized columns (`input_ids`, `label`), for tests and runs without Ray.
+def local_train_data(
+    train: dict[str, np.ndarray], evaluate: dict[str, np.ndarray], cfg: TrainConfig, num_classes: int,
+    pad_id: int = PAD_ID,
+) -> TrainData:
+    """TrainData over in-memory tokenized columns (`input_ids`, `label`), for tests and runs without Ray.
 
     Training batches are reshuffled each epoch from (cfg.seed, epoch), so an epoch's batches can be replayed.
 
     Args:
-        train, val: columns as produced by `data.tokenize.tokenize_batch` plus the int `label` column.
+        train, evaluate: columns as produced by `data.tokenize.tokenize_batch` plus the int `label` column.
         cfg: batch_size, train_eval_size, class_weighting, effective_beta and seed are read.
         num_classes, pad_id: size of the label space (for the class weights); the tokenizer's pad id.
     """
@@ -344,10 +349,10 @@ def local_fold_data(
             rows = order[start : start + cfg.batch_size]
             yield collate({INPUT_IDS: table[INPUT_IDS][rows], LABEL: table[LABEL][rows]}, pad_id)
 
-    sample = np.sort(np.random.default_rng(cfg.seed).permutation(n_train)[: cfg.train_eval_size])
-    return FoldData(
+    sample = train_eval_sample(n_train, cfg.train_eval_size, cfg.seed)
+    return TrainData(
         train_batches=lambda epoch: batches(train, np.random.default_rng([cfg.seed, epoch]).permutation(n_train)),
-        val_batches=lambda: batches(val, np.arange(len(val[LABEL]))),
+        eval_batches=lambda: batches(evaluate, np.arange(len(evaluate[LABEL]))),
         train_eval_batches=lambda: batches(train, sample),
         steps_per_epoch=math.ceil(n_train / cfg.batch_size),
         class_weights=class_weights(train[LABEL], num_classes, cfg.class_weighting, cfg.effective_beta),

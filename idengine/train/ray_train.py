@@ -1,27 +1,33 @@
-"""Step 9b: one fold's training as a Ray Train `TorchTrainer` run around the plain loop of `train/loop.py`.
+"""Step 8b: a training run as a Ray Train `TorchTrainer` run around the plain loop of `train/loop.py`.
 
-The driver (`fit_fold`) builds the fold's Ray Datasets from the cached token table, starts the trainer and reads the
-best epoch's validation logits back from the final checkpoint. Each worker (`train_loop_per_worker`) builds the model,
-lets Ray wrap it in DDP, streams its shard of the training fold, scores the whole validation fold, and reports every
+Two entry points, one per purpose: `fit_fold` trains a cv fold (early stopping on its validation fold), `fit_final`
+trains the final model on every non-test record for a fixed number of epochs and scores the held-out test split once,
+after the last epoch. Each builds the Ray Datasets from the cached token table, starts the trainer and reads the
+best epoch's evaluation logits back from the final checkpoint. Each worker (`train_loop_per_worker`) builds the model,
+lets Ray wrap it in DDP, streams its shard of the training part, scores the whole evaluation part, and reports every
 epoch; rank 0 attaches a checkpoint holding only the trainable weights (adapter + head), never the base model.
-A worker that dies is replaced and the fold resumes from the latest checkpoint (`train.max_failures`).
+
+A worker that dies is replaced and the run resumes from the latest checkpoint (`train.max_failures`). Run names are
+chosen by the caller and deterministic, so a driver that is started again with the same name and `storage_path`
+finds its runs: Ray Train V2 restores a run of the same name, and local mode (`train.num_workers=0`) resumes from the
+latest checkpoint this module persisted under `<storage_path>/<name>`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import shutil
 import tempfile
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 import ray.train
 import ray.train.torch
@@ -30,16 +36,24 @@ from ray.data import ExecutionOptions
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 
-from idengine import columns as C
+from idengine import layout as C
 from idengine.config import Config, config_from_dict, config_to_dict
+from idengine.data.splits import fold_rows, train_eval_sample
+from idengine.data.tokenize import collate, load_tokenizer
+from idengine.models.transformer import build_model
+from idengine.train.checkpoint import read_progress
+from idengine.train.loop import TrainData, class_weights, run_training
 
 logger = logging.getLogger(__name__)
 
+Score = Callable[[np.ndarray, np.ndarray], dict]
+"""(logits, labels) -> metrics including train.monitor; a module-level function, so Ray sends it by reference."""
+LOCAL_CHECKPOINT_PREFIX = "checkpoint_epoch_"
 
 
 @dataclass(frozen=True)
 class InjectedFault:
-    """Test hook: rank 0 exits abruptly once, right after reporting `after_epoch`, to prove that a fold resumes.
+    """Test hook: rank 0 exits abruptly once, right after reporting `after_epoch`, to prove that a run resumes.
 
     `marker` is a file on storage every worker can see; its existence means the fault already happened.
     """
@@ -49,15 +63,19 @@ class InjectedFault:
 
 
 @dataclass
-class FoldRun:
-    """What the driver keeps of one fold: history, best epoch and its validation logits."""
+class TrainRun:
+    """What the driver keeps of one training run: history, best epoch and its evaluation logits.
 
-    fold: str
+    The evaluation part is the validation fold of a cv fold (`eval_split` "0" ... "K-1"), or the held-out test split
+    of the final model (`eval_split` "test").
+    """
+
+    eval_split: str
     history: list[dict] = field(default_factory=list)
     best_epoch: int = -1
-    val_ids: np.ndarray = field(default_factory=lambda: np.array([]))
-    val_labels: np.ndarray = field(default_factory=lambda: np.array([]))
-    val_logits: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    eval_ids: np.ndarray = field(default_factory=lambda: np.array([]))
+    eval_labels: np.ndarray = field(default_factory=lambda: np.array([]))
+    eval_logits: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     checkpoint_path: str = ""
     seconds: float = 0.0
 
@@ -67,24 +85,21 @@ def storage_uri(path: str) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
-def fold_tables(tokens: pa.Table, fold: str) -> tuple[pa.Table, pa.Table]:
-    """Training part (every other fold, never the test split) and validation part of a token table."""
-    folds = tokens.column(C.FOLD)
-    train = tokens.filter(pc.and_(pc.not_equal(folds, fold), pc.not_equal(folds, C.TEST_FOLD)))
-    val = tokens.filter(pc.equal(folds, fold))
-    return train, val
+def split_tokens(tokens: pa.Table, split: str) -> tuple[pa.Table, pa.Table]:
+    """Training and evaluation parts of a token table for a cv fold or `test` (`data.splits.fold_rows`)."""
+    train, evaluate = fold_rows(np.asarray(tokens.column(C.FOLD)), split)
+    return tokens.take(pa.array(train)), tokens.take(pa.array(evaluate))
 
 
-def fold_datasets(train: pa.Table, val: pa.Table, config: Config) -> dict[str, ray.data.Dataset]:
-    """Ray Datasets for one fold: train (sharded across workers), val and a fixed training sample for the gap."""
-    rng = np.random.default_rng(config.train.seed)
-    sample = rng.choice(train.num_rows, size=min(config.train.train_eval_size, train.num_rows), replace=False)
+def run_datasets(train: pa.Table, evaluate: pa.Table, config: Config) -> dict[str, ray.data.Dataset]:
+    """Ray Datasets of one run: train (sharded across workers), eval and a fixed training sample for the gap."""
+    sample = train_eval_sample(train.num_rows, config.train.train_eval_size, config.train.seed)
     columns = [C.INPUT_IDS, C.LABEL]
     n_blocks = max(1, min(64, train.num_rows // 256))
     datasets = {
         "train": ray.data.from_arrow(train.select(columns)).repartition(n_blocks).materialize(),
-        "val": ray.data.from_arrow(val.select(columns)).materialize(),
-        "train_eval": ray.data.from_arrow(train.take(pa.array(np.sort(sample))).select(columns)).materialize(),
+        "eval": ray.data.from_arrow(evaluate.select(columns)).materialize(),
+        "train_eval": ray.data.from_arrow(train.take(pa.array(sample)).select(columns)).materialize(),
     }
     for ds in datasets.values():
         # Each epoch iterates these three times; the loop's per-epoch log line is the progress report instead.
@@ -103,86 +118,81 @@ def scaling_config(config: Config) -> ScalingConfig:
     return ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources)
 
 
-def fit_fold(config: Config, tokens: pa.Table, fold: str, num_classes: int, id2label: dict[int, str],
-             run_name: str, fault: InjectedFault | None = None) -> FoldRun:
-    """Train one fold as a Ray Train run and return its best epoch's validation logits.
+def fit_fold(config: Config, tokens: pa.Table, fold: str, id2label: dict[int, str], score: Score, run_name: str,
+             fault: InjectedFault | None = None) -> TrainRun:
+    """Train one cv fold as a Ray Train run (early stopping on its validation fold) and return its best epoch.
 
     Args:
         config: The resolved config (model, LoRA, training and scaling settings).
-        tokens: The token table of the prepared directory (see `data/ray_tokenize.py`).
-        fold: The validation fold ("0" ... "K-1"); or "test" to train the final model on every non-test record for
-            exactly `train.epochs` epochs and score the held-out test split once, after the last epoch.
-        num_classes: Size of the label space (the head's output size).
-        id2label: Label index -> species name, stored in the model config.
-        run_name: Ray Train run name; checkpoints go to `<train.storage_path>/<run_name>`.
+        tokens: The token table of the prepared directory (see `features/tokens.py`).
+        fold: The validation fold ("0" ... "K-1").
+        id2label: Label index -> species name (its size is the head's output size).
+        score: (logits, labels) -> metrics, run on the workers every epoch.
+        run_name: Ray Train run name; checkpoints go to `<train.storage_path>/<run_name>`. Deterministic, so a
+            restarted driver finds the run.
         fault: Tests only: make a worker die once after a checkpoint.
 
     Returns:
-        The fold's history and best-epoch validation logits (rows in the order of `val_ids`).
+        The run's history and best-epoch validation logits (rows in the order of `eval_ids`).
     """
-    from idengine.train.loop import class_weights
+    if fold == C.TEST_FOLD:
+        raise ValueError("fit_fold trains cv folds; the final model is trained by fit_final")
+    return _fit(config, tokens, fold, id2label, score, run_name, select_best=True, fault=fault)
 
+
+def fit_final(config: Config, tokens: pa.Table, id2label: dict[int, str], score: Score, run_name: str) -> TrainRun:
+    """Train the final model on every non-test record for exactly `train.epochs` epochs (no early stopping, the last
+    epoch is kept) and score the held-out test split once, after the last epoch, so it never influences training.
+
+    Returns:
+        The run, its `eval_*` holding the test split's logits.
+    """
+    return _fit(config, tokens, C.TEST_FOLD, id2label, score, run_name, select_best=False)
+
+
+def _fit(config: Config, tokens: pa.Table, split: str, id2label: dict[int, str], score: Score, run_name: str,
+         select_best: bool, fault: InjectedFault | None = None) -> TrainRun:
     start = time.time()
-    train, val = fold_tables(tokens, fold)
-    if val.num_rows == 0:
-        raise ValueError(f"fold {fold!r} has no validation records")
-    labels = np.asarray(train.column(C.LABEL))
-    weights = class_weights(labels, num_classes, config.train.class_weighting, config.train.effective_beta)
+    train, evaluate = split_tokens(tokens, split)
+    if evaluate.num_rows == 0:
+        raise ValueError(f"split {split!r} has no records to evaluate on")
+    t = config.train
+    weights = class_weights(np.asarray(train.column(C.LABEL)), len(id2label), t.class_weighting, t.effective_beta)
+    run_dir = f"{storage_uri(t.storage_path).rstrip('/')}/{run_name}"
     loop_config = {
-        "config": config_to_dict(config),
-        "num_classes": num_classes,
-        "id2label": {int(k): v for k, v in id2label.items()},
-        "class_weights": None if weights is None else weights.tolist(),
-        "n_train": train.num_rows,
+        "config": config_to_dict(config), "id2label": {int(k): v for k, v in id2label.items()}, "score": score,
+        "class_weights": None if weights is None else weights.tolist(), "n_train": train.num_rows,
         # Local mode persists its own checkpoints (Ray keeps only a reference there).
-        "local_run_dir": f"{storage_uri(config.train.storage_path).rstrip('/')}/{run_name}"
-        if config.train.num_workers == 0 else None,
-        # The final model (fold "test") trains a fixed number of epochs and scores the test split once, at the end.
-        "select_best": fold != C.TEST_FOLD,
+        "local_run_dir": run_dir if t.num_workers == 0 else None, "select_best": select_best,
         "fault": None if fault is None else {"after_epoch": fault.after_epoch, "marker": fault.marker},
     }
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=scaling_config(config),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage_uri(config.train.storage_path),
-            failure_config=FailureConfig(max_failures=config.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-        datasets=fold_datasets(train, val, config),
-        # Only the training fold is split; every worker scores the whole validation fold, in order.
-        dataset_config=DataConfig(
-            datasets_to_split=["train"],
-            execution_options={"val": ExecutionOptions(preserve_order=True),
-                               "train_eval": ExecutionOptions(preserve_order=True)},
-        ),
+        run_config=RunConfig(name=run_name, storage_path=storage_uri(t.storage_path),
+                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets=run_datasets(train, evaluate, config),
+        # Only the training part is split; every worker scores the whole evaluation part, in order.
+        dataset_config=DataConfig(datasets_to_split=["train"],
+                                  execution_options={"eval": ExecutionOptions(preserve_order=True),
+                                                     "train_eval": ExecutionOptions(preserve_order=True)}),
     )
-    result = trainer.fit()
-    return _fold_run_from_result(result, fold, val, start)
+    return _run_from_result(trainer.fit(), split, evaluate, start)
 
 
-def _fold_run_from_result(result, fold: str, val: pa.Table, start: float) -> FoldRun:
+def _run_from_result(result, split: str, evaluate: pa.Table, start: float) -> TrainRun:
     if result.error is not None:
-        raise RuntimeError(f"fold {fold} failed") from result.error
+        raise RuntimeError(f"training run for split {split} failed") from result.error
     with result.checkpoint.as_directory() as ckpt:
-        ckpt = Path(ckpt)
-        logits = np.load(ckpt / "best_val_logits.npy", allow_pickle=False)
-        state = json.loads((ckpt / "state.json").read_text())
-    val_labels = np.asarray(val.column(C.LABEL))
-    if logits.shape[0] != len(val_labels):
-        raise RuntimeError(f"fold {fold}: {logits.shape[0]} validation logits for {len(val_labels)} records")
-    return FoldRun(
-        fold=fold,
-        history=state["history"],
-        best_epoch=state["best_epoch"],
-        val_ids=np.asarray(val.column(C.ID).to_pylist()),
-        val_labels=val_labels,
-        val_logits=logits,
-        checkpoint_path=result.checkpoint.path,
-        seconds=time.time() - start,
-    )
+        state, logits = read_progress(ckpt)
+    labels = np.asarray(evaluate.column(C.LABEL))
+    if logits.shape[0] != len(labels):
+        raise RuntimeError(f"split {split}: {logits.shape[0]} evaluation logits for {len(labels)} records")
+    return TrainRun(eval_split=split, history=state.history, best_epoch=state.best_epoch,
+                    eval_ids=np.asarray(evaluate.column(C.ID).to_pylist()), eval_labels=labels, eval_logits=logits,
+                    checkpoint_path=result.checkpoint.path, seconds=time.time() - start)
 
 
 class _PadCollate(NumpyBatchCollateFn):
@@ -192,12 +202,11 @@ class _PadCollate(NumpyBatchCollateFn):
         self.pad_id = pad_id
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        from idengine.data.tokenize import collate
-
         return collate(batch, pad_id=self.pad_id)
 
 
-def _batches(iterator, batch_size: int, pad_id: int, shuffle_seed: int | None = None):
+def shard_batches(iterator, batch_size: int, pad_id: int, shuffle_seed: int | None = None):
+    """Padded torch batches of a dataset shard, locally shuffled from `shuffle_seed` when given."""
     kwargs = {}
     if shuffle_seed is not None:
         kwargs = {"local_shuffle_buffer_size": batch_size * 16, "local_shuffle_seed": shuffle_seed}
@@ -205,17 +214,30 @@ def _batches(iterator, batch_size: int, pad_id: int, shuffle_seed: int | None = 
 
 
 def _persist_locally(checkpoint_dir: Path, run_dir: str, epoch: int) -> ray.train.Checkpoint:
-    """Local mode (num_workers=0) keeps only a reference to the directory it is given: copy it to storage first."""
+    """Local mode (num_workers=0) keeps only a reference to the directory it is given: copy it to storage first,
+    under a temporary name renamed when complete, so a resumed run never reads half a checkpoint."""
     import pyarrow.fs
 
-    target = f"{run_dir.rstrip('/')}/checkpoint_epoch_{epoch:03d}"
+    target = f"{run_dir.rstrip('/')}/{LOCAL_CHECKPOINT_PREFIX}{epoch:03d}"
     fs, path = pyarrow.fs.FileSystem.from_uri(target if "://" in target else Path(target).resolve().as_uri())
-    fs.create_dir(path, recursive=True)
-    pyarrow.fs.copy_files(str(checkpoint_dir), path, destination_filesystem=fs)
-    old = f"{run_dir.rstrip('/')}/checkpoint_epoch_{epoch - 2:03d}"  # keep the latest two, as CheckpointConfig does
+    staging = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    fs.create_dir(staging, recursive=True)
+    pyarrow.fs.copy_files(str(checkpoint_dir), staging, destination_filesystem=fs)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+        fs.delete_dir(path)
+    fs.move(staging, path)
+    old = f"{run_dir.rstrip('/')}/{LOCAL_CHECKPOINT_PREFIX}{epoch - 2:03d}"  # keep the latest two, as Ray does
     if epoch > 2 and "://" not in old and Path(old).exists():
         shutil.rmtree(old)
     return ray.train.Checkpoint(path=path, filesystem=fs)
+
+
+def latest_local_checkpoint(run_dir: str | None) -> Path | None:
+    """The newest checkpoint `_persist_locally` completed under a local run directory, if any."""
+    if not run_dir or "://" in run_dir or not Path(run_dir).is_dir():
+        return None
+    done = sorted(p for p in Path(run_dir).glob(f"{LOCAL_CHECKPOINT_PREFIX}[0-9][0-9][0-9]") if p.is_dir())
+    return done[-1] if done else None
 
 
 def _reporter(rank: int, local_run_dir: str | None, fault: dict | None):
@@ -235,50 +257,46 @@ def _reporter(rank: int, local_run_dir: str | None, fault: dict | None):
     return report
 
 
+def _resume_dir(local_run_dir: str | None, rank: int) -> Path | None:
+    """A local copy of the checkpoint to resume from: Ray's (a replaced worker, a restored run) or local mode's."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        found = latest_local_checkpoint(local_run_dir)
+        if found is not None:
+            logger.info("resumes from %s", found)
+        return found
+    with checkpoint.as_directory() as resume_dir:
+        local = Path(tempfile.mkdtemp(prefix="idengine-resume-"))
+        shutil.copytree(resume_dir, local, dirs_exist_ok=True)
+    logger.info("rank %d resumes from %s", rank, checkpoint.path)
+    return local
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker: model, data shards, the plain loop, reports and checkpoints."""
-    from idengine.data.tokenize import load_tokenizer
-    from idengine.metrics import classification_metrics, softmax
-    from idengine.model import build_model
-    from idengine.train.loop import FoldData, run_fold
+    import yaml
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     config = config_from_dict(loop_config["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.train.seed)
-    model = build_model(config.model, config.lora, loop_config["num_classes"], loop_config["id2label"],
-                        seed=config.train.seed)
-    model = ray.train.torch.prepare_model(model)
-    device = ray.train.torch.get_device()
+    id2label = loop_config["id2label"]
+    model = ray.train.torch.prepare_model(build_model(config.model, config.lora, len(id2label), id2label,
+                                                      seed=config.train.seed))
     pad_id = load_tokenizer(config.model.backbone, revision=config.model.revision,
                             trust_remote_code=config.model.trust_remote_code).pad_token_id
-    bs, seed = config.train.batch_size, config.train.seed
-    train_it = ray.train.get_dataset_shard("train")
-    val_it = ray.train.get_dataset_shard("val")
-    train_eval_it = ray.train.get_dataset_shard("train_eval")
-    weights = loop_config["class_weights"]
-    data = FoldData(
-        train_batches=lambda epoch: _batches(train_it, bs, pad_id, shuffle_seed=seed + epoch),
-        val_batches=lambda: _batches(val_it, bs * 2, pad_id),
-        train_eval_batches=lambda: _batches(train_eval_it, bs * 2, pad_id),
+    bs, seed, weights = config.train.batch_size, config.train.seed, loop_config["class_weights"]
+    shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "eval", "train_eval")}
+    data = TrainData(
+        train_batches=lambda epoch: shard_batches(shards["train"], bs, pad_id, shuffle_seed=seed + epoch),
+        eval_batches=lambda: shard_batches(shards["eval"], bs * 2, pad_id),
+        train_eval_batches=lambda: shard_batches(shards["train_eval"], bs * 2, pad_id),
         steps_per_epoch=math.ceil(loop_config["n_train"] / (bs * max(world, 1))),
         class_weights=None if weights is None else torch.tensor(weights, dtype=torch.float32),
     )
-    top_k = config.train.top_k
-
-    def score(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-        return classification_metrics(labels, softmax(logits), top_k=top_k)
-
-    reporter = _reporter(rank, loop_config["local_run_dir"], loop_config["fault"])
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        run_fold(model, data, config.train, score, device, reporter, None, is_chief=rank == 0,
-                 select_best=loop_config["select_best"])
-        return
-    with checkpoint.as_directory() as resume_dir:
-        local = Path(tempfile.mkdtemp(prefix="idengine-resume-"))
-        shutil.copytree(resume_dir, local, dirs_exist_ok=True)
-    logger.info("rank %d resumes from %s", rank, checkpoint.path)
-    run_fold(model, data, config.train, score, device, reporter, local, is_chief=rank == 0,
-             select_best=loop_config["select_best"])
+    run_training(model, data, config.train, loop_config["score"], ray.train.torch.get_device(),
+                 _reporter(rank, loop_config["local_run_dir"], loop_config["fault"]),
+                 _resume_dir(loop_config["local_run_dir"], rank), is_chief=rank == 0,
+                 select_best=loop_config["select_best"],
+                 config_yaml=yaml.safe_dump(loop_config["config"], sort_keys=False))

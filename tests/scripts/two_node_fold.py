@@ -14,8 +14,9 @@ import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from idengine.config import load_config  # noqa: E402
-from idengine.data.prepare import read_prepared  # noqa: E402
-from idengine.data.ray_tokenize import tokenized_table  # noqa: E402
+from idengine.data.prepared import read_prepared  # noqa: E402
+from idengine.features.tokens import tokenized_table  # noqa: E402
+from idengine.evaluate.metrics import score_logits  # noqa: E402
 from idengine.train import ray_train  # noqa: E402
 
 prepared, work = sys.argv[1], sys.argv[2]
@@ -41,10 +42,10 @@ def one_worker_per_node(cfg):
 ray_train.scaling_config = one_worker_per_node
 records, labels = read_prepared(prepared)
 tokens = tokenized_table(prepared, config)
-run = ray_train.fit_fold(config, tokens, "0", labels.num_classes, dict(enumerate(labels.species)), "two-node")
+run = ray_train.fit_fold(config, tokens, "0", dict(enumerate(labels.species)), score_logits, "two-node")
 nodes = [n for n in ray.nodes() if n["Alive"]]
 print(json.dumps({"alive_nodes": len(nodes), "slots": sum(n["Resources"].get("worker_slot", 0) for n in nodes),
-                  "epochs": [h["epoch"] for h in run.history], "val_rows": int(run.val_logits.shape[0]),
-                  "val_ids": len(run.val_ids)}))
+                  "epochs": [h["epoch"] for h in run.history], "val_rows": int(run.eval_logits.shape[0]),
+                  "val_ids": len(run.eval_ids)}))
 ray.shutdown()
 cluster.shutdown()

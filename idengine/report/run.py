@@ -2,7 +2,7 @@
 
 The kind of run is read from the files present (a directory may be several kinds at once). Tables show the numbers
 the run wrote; PR curves, reliability and confusions are derived from its out-of-fold logits. Every section is a
-<section id=...> with an <h2>; the figures and HTML pieces come from `report_plots.py`.
+<section id=...> with an <h2>; the figures come from `plots.py`, the HTML pieces from `html.py`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 import re
 import time
 from pathlib import Path
@@ -19,9 +18,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from idengine import columns as C
-from idengine import report_plots as rp
-from idengine.report_plots import Page, before_after_pairs, details, flatten, mean_sd, para, table
+from idengine import layout as C
+from idengine.evaluate.metrics import expected_calibration_error, per_class_average_precision, reliability_bins, \
+    softmax
+from idengine.evaluate.oof import read_oof
+from idengine.report import plots as rp
+from idengine.report.html import Page, before_after_pairs, details, flatten, fmt, mean_sd, para, table
+from idengine.storage import read_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +36,6 @@ EXPECTED = ("prepare_report.json (prepare), metrics.json with per-fold results (
             "idengine.json / calibration.json / metrics.json with test metrics (train)")
 
 
-def _read_json(path: Path) -> Any:
-    """The parsed JSON file; a truncated file is reported as such."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); was the run that wrote it interrupted?") from err
-
-
 def _config_block(run_dir: Path) -> str:
     path = run_dir / C.CONFIG_FILE
     return details(f"resolved config ({path.name})", path.read_text(encoding="utf-8")) if path.exists() else ""
@@ -49,21 +44,21 @@ def _config_block(run_dir: Path) -> str:
 def detect_run_kinds(run_dir: str | Path) -> list[str]:
     """Which steps wrote this directory, judged from the files present: any of prepare, cv, tune, train."""
     run_dir = Path(run_dir)
-    metrics = _read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").exists() else {}
+    metrics = read_json(run_dir / C.METRICS_FILE) if (run_dir / C.METRICS_FILE).exists() else {}
     metrics = metrics if isinstance(metrics, dict) else {}
     kinds = ["prepare"] if (run_dir / C.REPORT_JSON).exists() else []
     if isinstance(metrics.get("folds"), list):
         kinds.append("cv")
-    if (run_dir / "trials.csv").exists():
+    if (run_dir / C.TRIALS_CSV).exists():
         kinds.append("tune")
-    if (run_dir / "idengine.json").exists() or (run_dir / "calibration.json").exists() or \
+    if (run_dir / C.MANIFEST).exists() or (run_dir / C.CALIBRATION).exists() or \
             any("test" in str(k) for k in metrics):
         kinds.append("train")
     return kinds
 
 
 def _prepare_sections(page: Page, run_dir: Path, **_: Any) -> None:
-    r = _read_json(run_dir / C.REPORT_JSON)
+    r = read_json(run_dir / C.REPORT_JSON)
     records = pd.read_parquet(run_dir / C.RECORDS_FILE, columns=[C.SEQUENCE, C.SPECIES, C.FOLD]) \
         if (run_dir / C.RECORDS_FILE).exists() else pd.DataFrame(columns=[C.SEQUENCE, C.SPECIES, C.FOLD])
     rows = [("records read", r.get("records_read")), ("kept", r.get("kept")),
@@ -84,7 +79,7 @@ def _prepare_sections(page: Page, run_dir: Path, **_: Any) -> None:
              para(f"Species: {r.get('species_before')} before cleaning, {r.get('species_after')} kept, "
                   f"{r.get('species_set_aside')} set aside as rare. Records per kept species: min "
                   f"{per_species.get('min')}, median {per_species.get('median')}, max {per_species.get('max')}; "
-                  f"imbalance ratio (max/min) {rp.fmt(r.get('imbalance_ratio', float('nan')))}."),
+                  f"imbalance ratio (max/min) {fmt(r.get('imbalance_ratio', float('nan')))}."),
              page.figure(fig, "class_balance", "Records per species (log-log), rank-size curve, size buckets."),
              table(("records per species", "species before", "species kept"), [(b, n, after.get(b)) for b, n in
                                                                                 before.items()]),
@@ -129,7 +124,7 @@ def _find_label_map(run_dir: Path, ids: np.ndarray, y: np.ndarray, num_classes: 
     for path in candidates:
         if not path.is_file():
             continue
-        entries = sorted(_read_json(path).get("labels", []), key=lambda e: e["label"])
+        entries = sorted(read_json(path).get("labels", []), key=lambda e: e["label"])
         if len(entries) == num_classes and _labels_agree(path.parent, ids, y):
             return entries, f"Species names from {path}"
         if explicit is not None:
@@ -145,7 +140,7 @@ def _cv_table_section(page: Page, run_dir: Path, m: dict) -> None:
              f.get("seconds", np.nan)] for f in folds]
     rows.append(["mean ± sd", "", "", *[mean_sd(m.get("mean", {}).get(k)) for k in names], m.get("seconds")])
     page.add("fold-metrics", "Per-fold validation metrics",
-             para(f"Backbone {m.get('backbone')} ({m.get('finetune')}), {m.get('num_classes')} species, "
+             para(f"Model {m.get('model', m.get('backbone'))}, {m.get('num_classes')} species, "
                   f"{len(folds)} folds; each fold's row is its best epoch by {m.get('monitor')}. The last row is "
                   "the mean ± sample sd over folds (the seconds cell: total)."),
              table(("fold", "best epoch", "epochs run", *names, "seconds"), rows, "fold-table", True),
@@ -154,7 +149,7 @@ def _cv_table_section(page: Page, run_dir: Path, m: dict) -> None:
 
 def _cv_curves_sections(page: Page, run_dir: Path, m: dict) -> None:
     monitor = m.get("monitor", "pr_auc_macro")
-    histories = {p.stem: _read_json(p) for p in sorted((run_dir / "folds").glob("*.json"), key=lambda p: p.stem)}
+    histories = {p.stem: read_json(p) for p in sorted((run_dir / C.FOLD_HISTORY_DIR).glob("*.json"), key=lambda p: p.stem)}
     best = {str(f["fold"]): f.get("best_epoch") for f in m["folds"]}
     single = all(len(h) <= 1 for h in histories.values())
     if histories:
@@ -181,9 +176,6 @@ def _cv_curves_sections(page: Page, run_dir: Path, m: dict) -> None:
 
 
 def _cv_oof_sections(page: Page, run_dir: Path, m: dict, label_map: str | Path | None) -> None:
-    from idengine.cv import read_oof
-    from idengine.metrics import expected_calibration_error, per_class_average_precision, reliability_bins, softmax
-
     ids, fold_of, y, logits = read_oof(run_dir)
     y = y.astype(np.int64)  # pyarrow gives int32; metrics and bincount want a plain integer array
     names = _find_label_map(run_dir, ids, y, int(m.get("num_classes", logits.shape[1])), label_map)
@@ -242,15 +234,15 @@ def _confused_section(page: Page, y: np.ndarray, pred: np.ndarray, entries: list
 
 
 def _cv_sections(page: Page, run_dir: Path, label_map: str | Path | None = None, **_: Any) -> None:
-    m = _read_json(run_dir / "metrics.json")
+    m = read_json(run_dir / C.METRICS_FILE)
     _cv_table_section(page, run_dir, m)
     _cv_curves_sections(page, run_dir, m)
-    if (run_dir / "oof.parquet").exists():
+    if (run_dir / C.OOF_FILE).exists():
         _cv_oof_sections(page, run_dir, m, label_map)
 
 
 def _tune_sections(page: Page, run_dir: Path, **_: Any) -> None:
-    trials = pd.read_csv(run_dir / "trials.csv")
+    trials = pd.read_csv(run_dir / C.TRIALS_CSV)
     metric = next((c for c in trials.columns if c.startswith("mean_")), None)
     if metric is None:
         raise ValueError(f"{run_dir / 'trials.csv'}: no mean_<metric> column; was it written by `idengine tune`?")
@@ -263,7 +255,7 @@ def _tune_sections(page: Page, run_dir: Path, **_: Any) -> None:
              if c in trials.columns]
     rows = [[i + 1, *[None if pd.isna(v) else v for v in row]] for i, row in
             enumerate(trials[shown].itertuples(index=False))]
-    best = _read_json(run_dir / "best.json") if (run_dir / "best.json").exists() else {}
+    best = read_json(run_dir / C.BEST_JSON) if (run_dir / C.BEST_JSON).exists() else {}
     page.add("trials", "Trials, ranked",
              para(f"{len(trials)} trials ranked by folds completed, then {metric} (the mean over folds). Trials "
                   "stopped early by ASHA have a mean over fewer folds and cannot be best."),
@@ -292,7 +284,7 @@ def _cv_summary(docs: dict[str, Any]) -> dict:
     for doc in docs.values():
         found = next((doc[k] for k in ("cv", "cv_mean", "cv_metrics") if k in doc), None)
         if isinstance(found, str) and (Path(found) / "metrics.json").exists():
-            found = _read_json(Path(found) / "metrics.json")
+            found = read_json(Path(found) / "metrics.json")
         if isinstance(found, dict):
             found = found.get("mean", found)
             return {k: v for k, v in found.items() if isinstance(v, dict) and "mean" in v}
@@ -319,7 +311,7 @@ def _train_test_section(page: Page, metrics: dict, cv: dict) -> None:
 
 
 def _train_sections(page: Page, run_dir: Path, **_: Any) -> None:
-    docs = {n: _read_json(run_dir / n) for n in TRAIN_DOCS if (run_dir / n).exists()}
+    docs = {n: read_json(run_dir / n) for n in TRAIN_DOCS if (run_dir / n).exists()}
     docs = {n: d for n, d in docs.items() if isinstance(d, dict)}
     _train_test_section(page, docs.get("metrics.json", {}), _cv_summary(docs))
     pngs = sorted(run_dir.glob("*.png"))
@@ -387,8 +379,6 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, label_map: 
         logger.info("report: %s sections of %s ...", kind, run_dir)
         SECTION_BUILDERS[kind](page, run_dir, label_map=label_map)
         logger.info("report: %s sections done in %.1f s", kind, time.perf_counter() - start)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page.render(f"idengine {' + '.join(kinds)} report: {run_dir.name}"), encoding="utf-8")
-    os.replace(tmp, out)
+    write_text(out, page.render(f"idengine {' + '.join(kinds)} report: {run_dir.name}"))
     logger.info("report: %s (%d figures, also in %s)", out, len(page.images), page.files_dir)
     return out

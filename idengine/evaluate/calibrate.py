@@ -1,34 +1,28 @@
-"""Step 12, calibrate: probabilities you can act on, fitted on out-of-fold validation logits (never the test split).
+"""Step 9b, calibrate: probabilities you can act on, fitted on out-of-fold validation logits (never the test split).
 
 1. `fit_calibrator` -> `Calibrator`: temperature scaling (default), or a shared one-vs-rest Platt / isotonic map.
-2. `calibration_report` / `reliability_diagram`: log loss, Brier and ECE before and after.
-3. `choose_threshold`: the lowest confidence whose species calls reach a target precision.
-4. `assign_calls`: species call above the threshold, else the deepest rank whose summed probability passes it.
+2. `calibration_report`: log loss, Brier and ECE before and after (the diagram is `report/plots.py`'s).
+3. `choose_threshold`: the lowest confidence whose calls reach a target precision (`evaluate/calls.py` makes them).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
-from scipy import sparse
 from scipy.optimize import minimize_scalar
 from scipy.special import expit, log_softmax
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 
-from idengine import metrics
-from idengine.columns import RANKS
+from idengine.config import CALIBRATION_METHODS as METHODS
+from idengine.evaluate import metrics
 
 log = logging.getLogger(__name__)
 
-METHODS = ("temperature", "platt", "isotonic", "none")
 TEMPERATURE_BOUNDS = (0.01, 100.0)
 """Search range of T; an optimum at either end is logged, it means the logits are degenerate."""
 TOP_M = 20
@@ -40,7 +34,6 @@ TIE_BREAK = 1e-9
 """Slope added to the isotonic step function so it is strictly increasing and never reorders species."""
 NEVER_CALL = math.nextafter(1.0, 2.0)
 """Threshold returned when no threshold reaches the target: above every probability, so nothing is called."""
-UNASSIGNED = "unassigned"
 
 
 def _check_logits(logits: np.ndarray, y_true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -203,28 +196,6 @@ def calibration_report(logits: np.ndarray, y_true: np.ndarray, calibrator: Calib
     }
 
 
-def reliability_diagram(probs_before: np.ndarray, probs_after: np.ndarray, y_true: np.ndarray,
-                        path: str | Path) -> Path:
-    """Write a PNG: top-label confidence vs accuracy per ECE bin, before and after, with the diagonal."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state in a library
-
-    fig = Figure(figsize=(5, 5))
-    ax = fig.add_subplot()
-    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect calibration")
-    for name, probs, marker in (("before", probs_before, "o"), ("after", probs_after, "s")):
-        bins = metrics.reliability_bins(y_true, probs)
-        used = bins["count"] > 0
-        ece = metrics.expected_calibration_error(y_true, probs)
-        ax.plot(bins["confidence"][used], bins["accuracy"][used], marker=marker, label=f"{name} (ECE {ece:.3f})")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="top-label confidence", ylabel="accuracy",
-           title=f"Reliability ({metrics.ECE_BINS} bins, n={len(y_true)})")
-    ax.legend(loc="upper left")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
-
-
 @dataclass(frozen=True)
 class ThresholdChoice:
     threshold: float
@@ -271,131 +242,3 @@ def choose_threshold(probs: np.ndarray, y_true: np.ndarray, target_precision: fl
     end = block_end[ok[-1]]
     return ThresholdChoice(float(conf_sorted[end]), float(precision[ok[-1]]), float((end + 1) / y.size),
                            float(target_precision), True)
-
-
-def _rank_index(rank_table: pd.DataFrame, rank: str, n_labels: int) -> tuple[np.ndarray, sparse.csr_array]:
-    """Taxon names at one rank and the (labels x taxa) 0/1 matrix; missing or empty taxa belong to none."""
-    values = rank_table[rank]
-    values = values.where(values.notna() & (values.astype(str) != ""))
-    codes, names = pd.factorize(values)
-    labels = np.flatnonzero(codes >= 0)
-    matrix = sparse.csr_array((np.ones(labels.size), (labels, codes[labels])), shape=(n_labels, len(names)))
-    return np.asarray(names, dtype=object), matrix
-
-
-def assign_calls(probs: np.ndarray, species_names: Sequence[str], rank_table: pd.DataFrame, threshold: float,
-                 ranks: Sequence[str] | None = None) -> pd.DataFrame:
-    """Species call if its probability passes the threshold, else the deepest rank whose taxon sum passes it.
-
-    At each rank, from the deepest up, probabilities are summed over the labels sharing a taxon (a sparse
-    matrix product, so millions of rows stay fast); the first rank whose best taxon reaches the threshold gives
-    the call. Otherwise the record is `unassigned` with its top species probability as confidence. A rank at which
-    every label shares one taxon is skipped: its sum is always 1, so it carries no evidence about the query.
-
-    Args:
-        probs: (n, C) calibrated probabilities.
-        species_names: the C species names, in label order.
-        rank_table: one row per label (index 0..C-1), one column per rank; missing taxa are NaN/None/"".
-        threshold: the species threshold, applied at every rank.
-        ranks: ranks to try, deepest first; default: the columns of RANKS found in rank_table, genus upwards.
-
-    Returns:
-        DataFrame with `call`, `rank`, `confidence`, `top_species`, `top_species_prob`, one row per record.
-    """
-    p = np.asarray(probs, dtype=np.float64)
-    n_labels = p.shape[1]
-    if len(species_names) != n_labels:
-        raise ValueError(f"{len(species_names)} species names for {n_labels} probability columns")
-    ranks = [r for r in reversed(RANKS) if r in rank_table.columns] if ranks is None else list(ranks)
-    missing = [r for r in ranks if r not in rank_table.columns]
-    if missing:
-        raise ValueError(f"rank_table has no column(s) {missing}; it has {list(rank_table.columns)}")
-    absent = pd.Index(range(n_labels)).difference(rank_table.index)
-    if len(absent):
-        raise ValueError(f"rank_table lacks labels {list(absent[:5])}...: index it by label 0..{n_labels - 1}")
-    table = rank_table.reindex(range(n_labels))
-    top = p.argmax(axis=1)
-    conf = p[np.arange(p.shape[0]), top]
-    top_names = np.asarray(species_names, dtype=object)[top]
-    call, rank, confidence = top_names.copy(), np.full(p.shape[0], "species", dtype=object), conf.copy()
-    pending = conf < threshold
-    for rank_name in ranks:
-        idx = np.flatnonzero(pending)
-        names, matrix = _rank_index(table, rank_name, n_labels)
-        # A rank where every label shares one taxon (e.g. class in a fish-only reference) always sums to 1: a call
-        # there says what the reference holds, not what the model saw, and would leave nothing unassigned.
-        if idx.size == 0 or names.size == 0 or (names.size == 1 and matrix.sum() == n_labels):
-            continue
-        sums = p[idx] @ matrix
-        best = sums.argmax(axis=1)
-        # Clip: summed float probabilities can exceed 1 by rounding and pass an unreachable threshold (1 + eps).
-        best_sum = np.minimum(sums[np.arange(idx.size), best], 1.0)
-        hit = best_sum >= threshold
-        call[idx[hit]], rank[idx[hit]], confidence[idx[hit]] = names[best[hit]], rank_name, best_sum[hit]
-        pending[idx[hit]] = False
-    call[pending], rank[pending] = UNASSIGNED, UNASSIGNED
-    return pd.DataFrame({"call": call, "rank": rank, "confidence": confidence,
-                         "top_species": top_names, "top_species_prob": conf})
-
-
-def open_set_report(probs_unknown: np.ndarray, threshold: float, rank_fallback_calls: pd.DataFrame,
-                    probs_known: np.ndarray | None = None, y_known: np.ndarray | None = None,
-                    unknown_taxa: pd.DataFrame | None = None) -> dict[str, Any]:
-    """How the threshold behaves on species ABSENT from the reference, and on known species.
-
-    Every species-level call for an absent species is wrong: the over-classification rate is their fraction
-    with max probability >= threshold. The rank fallback should send them to genus, family... or unassigned.
-
-    Args:
-        probs_unknown: (n_u, C) calibrated probabilities of queries from species outside the label space.
-        threshold: the species threshold.
-        rank_fallback_calls: `assign_calls` output for probs_unknown at this threshold.
-        probs_known: optional (n_k, C) calibrated probabilities of known-species queries (e.g. out-of-fold).
-        y_known: their labels (the known part is reported only when both are given).
-        unknown_taxa: optional true taxa of the unknown queries (rows aligned, one column per rank): adds the
-            fraction of calls at each rank that name the right taxon.
-
-    Returns:
-        {"threshold", "unknown": {"n", "over_classification_rate", "assigned": {rank: fraction}, ...},
-         "known": {"n", "coverage", "accuracy_of_calls", "top1_acc"} (when known data are given)}.
-
-    Raises:
-        ValueError: the calls do not match probs_unknown at this threshold (different rows or threshold).
-    """
-    p = np.asarray(probs_unknown, dtype=np.float64)
-    n = p.shape[0]
-    if len(rank_fallback_calls) != n:
-        raise ValueError(f"{len(rank_fallback_calls)} calls for {n} unknown queries")
-    ranks = rank_fallback_calls["rank"].to_numpy()
-    species_called = p.max(axis=1) >= threshold if n else np.zeros(0, dtype=bool)
-    if not np.array_equal(species_called, ranks == "species"):
-        raise ValueError("rank_fallback_calls disagree with probs_unknown at this threshold: recompute them")
-    assigned = {"species": 0.0}
-    for name in pd.unique(ranks):
-        assigned[str(name)] = float(np.mean(ranks == name))
-    assigned.setdefault(UNASSIGNED, 0.0)
-    unknown: dict[str, Any] = {"n": n, "over_classification_rate": float(species_called.mean()) if n else None,
-                               "assigned": assigned}
-    if unknown_taxa is not None:
-        calls = rank_fallback_calls["call"].to_numpy()
-        unknown["correct_at_rank"] = {
-            rank: float(np.mean(calls[ranks == rank] == unknown_taxa[rank].to_numpy()[ranks == rank]))
-            for rank in assigned if rank in unknown_taxa.columns and np.any(ranks == rank)
-        }
-    report: dict[str, Any] = {"threshold": float(threshold), "unknown": unknown}
-    if probs_known is not None and y_known is not None:
-        report["known"] = _known_report(probs_known, y_known, threshold)
-    return report
-
-
-def _known_report(probs: np.ndarray, y_true: np.ndarray, threshold: float) -> dict[str, Any]:
-    """Coverage and accuracy of species calls at the threshold for species in the reference (None: no calls)."""
-    y, p = metrics.validate_probs(y_true, probs)
-    called = p.max(axis=1) >= threshold
-    right = p.argmax(axis=1) == y
-    return {
-        "n": int(y.size),
-        "coverage": float(called.mean()),
-        "accuracy_of_calls": float(right[called].mean()) if called.any() else None,
-        "top1_acc": float(right.mean()),
-    }

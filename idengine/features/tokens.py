@@ -1,8 +1,7 @@
-"""Step 6b: tokenize a prepared directory with Ray Data `map_batches` and cache the result as parquet.
+"""Step 6b, tokens: tokenize a prepared directory with Ray Data `map_batches` and cache the result as parquet.
 
 The cache lives in `<prepared>/tokens/<key>/`, where the key hashes the records file, the tokenizer's vocabulary and
-`max_tokens`: a second run with the same inputs reads it back instead of tokenizing again. A cache directory is
-written under a temporary name and renamed when complete, so a half-written cache is never read.
+`max_tokens` (`features/cache.py`): a second run with the same inputs reads it back instead of tokenizing again.
 """
 
 from __future__ import annotations
@@ -11,37 +10,32 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from idengine import columns as C
+from idengine import layout as C
 from idengine.config import Config
-from idengine.files import file_sha256
+from idengine.data.tokenize import load_tokenizer, tokenize_batch
+from idengine.features.cache import read_cache, write_cache
+from idengine.storage import file_sha256
 
 logger = logging.getLogger(__name__)
 
 TOKEN_COLUMNS = (C.ID, C.LABEL, C.FOLD, C.INPUT_IDS, C.N_TOKENS, C.TRUNCATED)
-_DONE = "_COMPLETE.json"
 
 
 class TokenizeBatch:
     """A Ray Data callable: loads the tokenizer once per actor, then turns sequence batches into token ids."""
 
     def __init__(self, backbone: str, revision: str | None, trust_remote_code: bool, max_tokens: int) -> None:
-        from idengine.data.tokenize import load_tokenizer
-
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.tokenizer = load_tokenizer(backbone, revision=revision, trust_remote_code=trust_remote_code)
         self.max_tokens = max_tokens
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        from idengine.data.tokenize import tokenize_batch
-
         out = tokenize_batch(batch, self.tokenizer, self.max_tokens)
         ids = pa.array([np.asarray(x, dtype=np.int32) for x in out[C.INPUT_IDS]], type=pa.list_(pa.int32()))
         table = {name: out[name] for name in (C.ID, C.LABEL, C.FOLD, C.N_TOKENS, C.TRUNCATED) if name in out}
@@ -50,8 +44,6 @@ class TokenizeBatch:
 
 def cache_key(records_path: Path, config: Config) -> str:
     """Hash of everything the token ids depend on: the records, the tokenizer (vocabulary) and max_tokens."""
-    from idengine.data.tokenize import load_tokenizer
-
     tokenizer = load_tokenizer(config.model.backbone, revision=config.model.revision,
                                trust_remote_code=config.model.trust_remote_code)
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
@@ -73,12 +65,12 @@ def tokenized_table(prepared_dir: str | Path, config: Config) -> pa.Table:
     prepared_dir = Path(prepared_dir)
     records_path = prepared_dir / C.RECORDS_FILE
     key = cache_key(records_path, config)
-    cache_dir = prepared_dir / "tokens" / key
-    if (cache_dir / _DONE).exists():
-        logger.info("token cache hit: %s", cache_dir)
-        return _read_cache(cache_dir)
+    cache_dir = prepared_dir / C.TOKENS_DIR / key
+    cached = read_cache(cache_dir, C.TOKENS_FILE)
+    if cached is not None:
+        return cached
     table = _tokenize_with_ray(records_path, config)
-    write_parquet_cache(table, cache_dir, "tokens.parquet", {
+    write_cache(table, cache_dir, C.TOKENS_FILE, {
         "rows": table.num_rows, "backbone": config.model.backbone, "revision": config.model.revision,
         "max_tokens": config.model.max_tokens})
     n_truncated = int(np.asarray(table.column(C.TRUNCATED)).sum())
@@ -116,25 +108,3 @@ def _tokenize_with_ray(records_path: Path, config: Config) -> pa.Table:
 
 def _iter_tables(ds) -> list[pa.Table]:
     return [t for t in ds.iter_batches(batch_format="pyarrow", batch_size=None)]
-
-
-def write_parquet_cache(table: pa.Table, cache_dir: Path, filename: str, meta: dict) -> None:
-    """Write `table` + a completion marker under a temporary name, then rename: a cache is complete or absent.
-
-    Shared by the token cache and the embedding cache (embed.py). If another process completed the same cache first,
-    its copy is kept.
-    """
-    tmp = cache_dir.with_name(f".{cache_dir.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.mkdir(parents=True)
-    pq.write_table(table, tmp / filename)
-    (tmp / _DONE).write_text(json.dumps(meta, indent=1))
-    if (cache_dir / _DONE).exists():
-        shutil.rmtree(tmp)
-        return
-    if cache_dir.exists():
-        shutil.rmtree(cache_dir)
-    os.replace(tmp, cache_dir)
-
-
-def _read_cache(cache_dir: Path) -> pa.Table:
-    return pq.read_table(cache_dir / "tokens.parquet")

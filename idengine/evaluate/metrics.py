@@ -1,4 +1,4 @@
-"""Step 8, metrics: classification and calibration scores, numpy arrays in, plain numbers out.
+"""Step 9a, metrics: classification and calibration scores, numpy arrays in, plain numbers out.
 
 Every function takes `y_true` (n,) int labels and `probs` (n, C) probabilities over the WHOLE label space, so a
 fold whose validation split lacks some species is scored against the same C classes as every other fold.
@@ -264,3 +264,8 @@ def summarise_folds(per_fold: Sequence[dict[str, float]]) -> dict[str, dict[str,
         sd = float(np.std(values, ddof=1)) if values.size > 1 else 0.0
         summary[key] = {"mean": float(np.mean(values)), "sd": sd}
     return summary
+
+
+def score_logits(logits: np.ndarray, y_true: np.ndarray, top_k: int = 5) -> dict[str, float]:
+    """`classification_metrics` of softmax(logits): what a training run scores every epoch, on any worker."""
+    return classification_metrics(y_true, softmax(logits), top_k=top_k)

@@ -1,19 +1,18 @@
-"""Step 4, report: what prepare read, kept, set aside and dropped, as JSON, Markdown and a class-size PNG.
+"""Step 4, account: what prepare read, kept, set aside and dropped, and the class balance, as one JSON-ready dict.
 
-The counts add up: records_read == kept + set_aside_rare_species + sum(dropped.values()).
+The counts add up: records_read == kept + set_aside_rare_species + sum(dropped.values()); `build_report` refuses to
+return a report that does not. `report/markdown.py` and `report/plots.py` turn it into the page and the PNG.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from idengine import columns as C
+from idengine import layout as C
 from idengine.data.clean import REASON_ORDER
 
 logger = logging.getLogger(__name__)
@@ -119,96 +118,3 @@ def build_report(
     if accounted != report["records_read"]:
         raise RuntimeError(f"bug: prepare counts do not add up: {accounted} accounted, {report['records_read']} read")
     return report
-
-
-def _table(rows: list[tuple[Any, ...]], header: tuple[str, ...]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-
-
-def report_markdown(report: dict[str, Any]) -> str:
-    """The report as Markdown: the accounting first, then species, lengths, conflicts and folds."""
-    r = report
-    lines = [
-        "# Prepare report",
-        "",
-        f"{r['records_read']} records read = {r['kept']} kept + {r['set_aside_rare_species']} set aside "
-        f"(rare species, unknown.parquet) + {r['dropped_total']} dropped (dropped.csv).",
-        "",
-        "## Dropped, by reason (in step order)",
-        "",
-        *_table([(k, v) for k, v in r["dropped"].items()], ("reason", "records")),
-        "",
-        "## Species",
-        "",
-        f"Species before: {r['species_before']}; after cleaning: {r['species_after_cleaning']}; "
-        f"kept: {r['species_after']}; set aside: {r['species_set_aside']}. "
-        f"Imbalance (max/min records per kept species): {r['imbalance_ratio']:.1f}.",
-        "",
-        *_table(
-            [(b, r["buckets_before"][b], r["buckets_after"][b]) for b in r["buckets_before"]],
-            ("records per species", "species before", "species kept"),
-        ),
-        "",
-        "## Sequences",
-        "",
-        *_table([(k, v) for k, v in r["length_bp"].items()], ("kept length (bp)", "value")),
-        "",
-        f"Label conflicts (identical sequences under several species): {r['label_conflicts']['sequences']} sequences, "
-        f"{r['label_conflicts']['records']} records; policy `{r['label_conflicts']['policy']}` dropped "
-        f"{r['label_conflicts']['dropped']}. Records sharing their sequence with another: "
-        f"{r['records_in_shared_sequences']}; kept groups: {r['groups_kept']}.",
-        "",
-        *_table([(k, v) for k, v in r["normalised"].items()], ("normalisation", "records (files for gzip/bom/crlf)")),
-        "",
-        "## Folds",
-        "",
-        f"Source: {r.get('fold_source', '')}",
-        "",
-        *_table([(k, v) for k, v in r.get("folds", {}).items()], ("fold", "records")),
-        "",
-        "Species absent from the training part of a fold: "
-        + ", ".join(f"fold {k}: {v}" for k, v in r.get("species_missing_from_training", {}).items()),
-        "",
-        "## Steps",
-        "",
-        *[f"{i}. {step}" for i, step in enumerate(r["steps"], start=1)],
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def plot_class_sizes(loaded: pd.DataFrame, records: pd.DataFrame, path: str | Path) -> None:
-    """PNG: species per records-per-species bucket (before and kept), and the kept species' sizes in rank order."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    before = size_buckets(loaded[C.SPECIES].dropna())
-    after = size_buckets(records[C.SPECIES])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    x = np.arange(len(before))
-    left.bar(x - 0.2, list(before.values()), width=0.4, label="before")
-    left.bar(x + 0.2, list(after.values()), width=0.4, label="kept")
-    left.set_xticks(x, list(before))
-    left.set_xlabel("records per species")
-    left.set_ylabel("species")
-    left.legend()
-    sizes = records[C.SPECIES].value_counts().to_numpy()
-    right.plot(np.arange(1, len(sizes) + 1), sizes, marker="." if len(sizes) < 100 else None)
-    right.set_yscale("log")
-    right.set_xlabel("kept species, largest first")
-    right.set_ylabel("records")
-    fig.suptitle(f"Class sizes: {len(sizes)} species kept, {int(sizes.sum()) if len(sizes) else 0} records")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def write_report(report: dict[str, Any], loaded: pd.DataFrame, records: pd.DataFrame, out_dir: str | Path) -> None:
-    """Write prepare_report.json, prepare_report.md and class_sizes.png into out_dir."""
-    out_dir = Path(out_dir)
-    (out_dir / C.REPORT_JSON).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    (out_dir / C.REPORT_MD).write_text(report_markdown(report), encoding="utf-8")
-    plot_class_sizes(loaded, records, out_dir / C.CLASS_SIZES_PNG)

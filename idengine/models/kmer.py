@@ -1,7 +1,8 @@
-"""Baselines: k-mer models on the same prepared data, folds and metrics as the transformer: the bar it must clear.
+"""Step 7c, k-mer models: classifiers on k-mer profiles, on the same prepared data, folds and metrics as the transformer.
 
-`model.backbone = "kmer-nb"` or `"kmer-linear"` (k = `model.kmer`, default 8) makes `idengine cv` run one of these
-instead of the transformer. Both return logits over the whole label space, so every metric and calibrate.py apply.
+`model.kind = "kmer-nb"` or `"kmer-linear"` (k = `model.kmer`, default 8) makes `idengine cv` run one of these
+instead of the transformer. Both return logits over the whole label space, so every metric and calibration apply.
+They are saved as safetensors + JSON (no pickle), so `idengine train` exports them like any other model.
 
 - Features: presence/absence of every k-mer, indexed exactly (column = the k-mer read as a base-4 number, 4^k
   columns), computed with numpy; k-mers that contain N are skipped. On 12,529 12s-fish records (645 bp mean) this
@@ -48,9 +49,11 @@ from sklearn.feature_extraction.text import TfidfTransformer
 from sklearn.linear_model import SGDClassifier
 from sklearn.preprocessing import normalize
 
+from idengine import layout as L
+from idengine.config import KMER_KINDS
+
 log = logging.getLogger(__name__)
 
-KINDS = ("kmer-nb", "kmer-linear")
 MAX_K = 12
 """4^12 = 16.8 M columns; beyond that the sparse keys and the linear weights stop being cheap."""
 NB_WORD_SCALE = 4.0
@@ -111,7 +114,7 @@ def kmer_matrix(sequences: Sequence[str], k: int) -> sp.csr_matrix:
     return sp.csr_matrix((np.ones(cols.size, np.float32), cols.astype(np.int32), indptr), shape=(len(seqs), 4 ** k))
 
 
-def _log_probs_all_classes(scores: np.ndarray, present: np.ndarray) -> np.ndarray:
+def log_probs_all_classes(scores: np.ndarray, present: np.ndarray) -> np.ndarray:
     """Log-softmax over the classes seen in training; unseen classes sit ABSENT_LOG_GAP below the row minimum."""
     out = np.empty(scores.shape, dtype=np.float64)
     logp = log_softmax(scores[:, present].astype(np.float64), axis=1)
@@ -224,13 +227,11 @@ class KmerLinear:
 
 
 _MODELS = {"kmer-nb": KmerNaiveBayes, "kmer-linear": KmerLinear}
-_META_FILE = "baseline.json"
-_ARRAYS_FILE = "baseline.npz"
 
 
 @dataclass
-class Baseline:
-    """A fitted k-mer baseline: sequences in, logits over the whole label space out."""
+class KmerModel:
+    """A fitted k-mer model: sequences in, logits over the whole label space out."""
 
     kind: str
     k: int
@@ -250,7 +251,7 @@ class Baseline:
         out = np.empty((len(seqs), self.num_classes), dtype=np.float32)
         for start in range(0, len(seqs), BATCH_SEQS):
             x = kmer_matrix(seqs[start:start + BATCH_SEQS], self.k)
-            out[start:start + x.shape[0]] = _log_probs_all_classes(self.model.scores(x), self.model.present)
+            out[start:start + x.shape[0]] = log_probs_all_classes(self.model.scores(x), self.model.present)
         return out
 
     def predict_proba(self, sequences: Sequence[str] | np.ndarray) -> np.ndarray:
@@ -260,37 +261,43 @@ class Baseline:
         return e / e.sum(axis=1, keepdims=True)
 
     def save(self, directory: str | Path) -> Path:
-        """Write baseline.json (kind, k, num_classes) + baseline.npz (arrays, no pickle) into directory."""
+        """Write kmer_model.json (kind, k, num_classes) + kmer_model.safetensors (its arrays; no pickle)."""
+        from safetensors.numpy import save_file
+
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        np.savez(out / _ARRAYS_FILE, **self.model.to_arrays())
+        arrays = {name: np.ascontiguousarray(a) for name, a in self.model.to_arrays().items()}
+        arrays = {name: a.astype(np.uint8) if a.dtype == bool else a for name, a in arrays.items()}
+        save_file(arrays, str(out / L.KMER_ARRAYS))
         meta = {"kind": self.kind, "k": self.k, "num_classes": self.num_classes}
-        (out / _META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        (out / L.KMER_META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         return out
 
 
-def load_baseline(directory: str | Path) -> Baseline:
-    """Read a baseline written by `Baseline.save` (npz read with allow_pickle=False).
+def load_kmer_model(directory: str | Path) -> KmerModel:
+    """Read a k-mer model written by `KmerModel.save`.
 
     Raises:
-        FileNotFoundError: directory lacks baseline.json or baseline.npz.
+        FileNotFoundError: the directory lacks kmer_model.json or kmer_model.safetensors.
         ValueError: the saved kind is unknown.
     """
+    from safetensors.numpy import load_file
+
     src = Path(directory)
-    for name in (_META_FILE, _ARRAYS_FILE):
+    for name in (L.KMER_META, L.KMER_ARRAYS):
         if not (src / name).exists():
-            raise FileNotFoundError(f"{src / name} not found: not a directory written by Baseline.save")
-    meta = json.loads((src / _META_FILE).read_text(encoding="utf-8"))
+            raise FileNotFoundError(f"{src / name} not found: not a directory written by KmerModel.save")
+    meta = json.loads((src / L.KMER_META).read_text(encoding="utf-8"))
     if meta.get("kind") not in _MODELS:
-        raise ValueError(f"{src / _META_FILE}: unknown baseline kind {meta.get('kind')!r}; known: {KINDS}")
-    with np.load(src / _ARRAYS_FILE, allow_pickle=False) as npz:
-        arrays = {name: npz[name] for name in npz.files}
-    return Baseline(meta["kind"], int(meta["k"]), int(meta["num_classes"]), _MODELS[meta["kind"]].from_arrays(arrays))
+        raise ValueError(f"{src / L.KMER_META}: unknown k-mer model {meta.get('kind')!r}; known: {KMER_KINDS}")
+    arrays = load_file(str(src / L.KMER_ARRAYS))
+    return KmerModel(meta["kind"], int(meta["k"]), int(meta["num_classes"]),
+                     _MODELS[meta["kind"]].from_arrays(arrays))
 
 
-def fit_baseline(kind: str, sequences: Sequence[str] | np.ndarray, labels: np.ndarray, num_classes: int,
-                 k: int = 8, seed: int = 0, *, n_jobs: int | None = -1) -> Baseline:
-    """Fit a k-mer baseline on one fold's training records.
+def fit_kmer_model(kind: str, sequences: Sequence[str] | np.ndarray, labels: np.ndarray, num_classes: int,
+                 k: int = 8, seed: int = 0, *, n_jobs: int | None = -1) -> KmerModel:
+    """Fit a k-mer model on one fold's training records.
 
     Args:
         kind: `kmer-nb` (RDP-style naive Bayes) or `kmer-linear` (TF-IDF + logistic SGD).
@@ -302,13 +309,13 @@ def fit_baseline(kind: str, sequences: Sequence[str] | np.ndarray, labels: np.nd
         n_jobs: threads of kmer-linear's one-vs-rest fits (-1: all cores; 1 inside a one-CPU task).
 
     Returns:
-        The fitted Baseline.
+        The fitted KmerModel.
 
     Raises:
         ValueError: unknown kind, lengths or label range disagree, or a sequence is not cleaned ACGTN.
     """
     if kind not in _MODELS:
-        raise ValueError(f"unknown baseline {kind!r}; model.backbone must be one of {KINDS}")
+        raise ValueError(f"unknown k-mer model {kind!r}; model.kind must be one of {KMER_KINDS}")
     y = np.asarray(labels)
     seqs = list(sequences)
     if y.ndim != 1 or y.size != len(seqs):
@@ -328,4 +335,4 @@ def fit_baseline(kind: str, sequences: Sequence[str] | np.ndarray, labels: np.nd
         model = KmerLinear.fit(x, y, num_classes, seed=seed, n_jobs=n_jobs)
     log.info("%s (k=%d) fitted on %d sequences, %d of %d classes", kind, k, len(seqs), int(model.present.sum()),
              num_classes)
-    return Baseline(kind, k, num_classes, model)
+    return KmerModel(kind, k, num_classes, model)

@@ -9,11 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from idengine import columns as C
-from idengine.calibrate import assign_calls
+from idengine import layout as C
+from idengine.evaluate.calls import assign_calls
 from idengine.config import load_config
-from idengine.data.splits import LabelSpace
-from idengine.final import calls_summary, final_epochs
+from idengine.data.labels import LabelSpace
+from idengine.evaluate.calls import calls_summary
+from idengine.recipes.train import final_epochs
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "12s-fish-mini"
@@ -55,9 +56,9 @@ def test_calls_summary_scores_each_call_at_its_own_rank():
 @pytest.fixture(scope="module")
 def final_run(ray_session, tmp_path_factory):
     """prepare -> cv -> train on the bundled real example with the tiny model (2 folds, 2 epochs)."""
-    from idengine.cv import run_cv
-    from idengine.data.prepare import prepare_dataset
-    from idengine.final import train_final
+    from idengine.recipes.cv import run_cv
+    from idengine.recipes.prepare import prepare_dataset
+    from idengine.recipes.train import train_final
 
     work = tmp_path_factory.mktemp("final")
     config = load_config(None, [
@@ -73,9 +74,9 @@ def final_run(ray_session, tmp_path_factory):
 
 @pytest.mark.integration
 def test_train_final_exports_a_verified_artifact_with_test_and_open_set_metrics(final_run):
-    from idengine.cv import read_oof
-    from idengine.data.prepare import read_prepared, read_unknown
-    from idengine.export import load_artifact, verify_artifact
+    from idengine.evaluate.oof import read_oof
+    from idengine.data.prepared import read_prepared, read_unknown
+    from idengine.deploy.artifact import load_artifact, verify_artifact
 
     config, prepared, cv_dir, out = final_run
     manifest = verify_artifact(out)
@@ -95,7 +96,7 @@ def test_train_final_exports_a_verified_artifact_with_test_and_open_set_metrics(
     unknown = read_unknown(prepared)
     open_set = metrics["open_set"]
     assert open_set["unknown"]["n"] == len(unknown) > 0
-    assert sum(open_set["unknown"]["assigned"].values()) == pytest.approx(1.0)
+    assert sum(open_set["unknown"]["calls"]["assigned"].values()) == pytest.approx(1.0)
     assert 0.0 <= open_set["unknown"]["over_classification_rate"] <= 1.0
     assert open_set["known"]["n"] == len(test)
     artifact = load_artifact(out)

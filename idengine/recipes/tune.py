@@ -1,4 +1,4 @@
-"""Step 11: hyperparameter search: Ray Tune + Optuna (+ ASHA) over the cross-validated objective of `cv.py`.
+"""Recipe `idengine tune`: Ray Tune + Optuna (+ ASHA) over the cross-validated objective of `recipes/cv.py`.
 
 A trial is a driver function (Ray's train/tune interop pattern): it turns its sample into a Config, runs exactly the
 folds `idengine cv` runs (each a Ray Train run), and reports after every fold the fold's metric and the running mean,
@@ -9,7 +9,6 @@ directory (TensorBoard logs; `Tuner.restore` resumes it).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -22,13 +21,17 @@ from ray.tune.logger import TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from idengine import layout as C
 from idengine.config import Config, config_from_dict, config_to_dict, save_config, with_values
+from idengine.data.prepared import read_prepared
+from idengine.features.embeddings import embed_table
+from idengine.features.tokens import tokenized_table
+from idengine.recipes.cv import iter_folds, running_summary, write_cv
+from idengine.report.markdown import trials_markdown
+from idengine.storage import write_json, write_text
+from idengine.train.ray_train import storage_uri
 
 logger = logging.getLogger(__name__)
-
-TRIALS_CSV = "trials.csv"
-TRIALS_MD = "trials.md"
-BEST_CONFIG = "best_config.yaml"
 
 
 def search_space(space: dict[str, Any]) -> dict[str, Any]:
@@ -87,20 +90,18 @@ def max_concurrent_trials(config: Config, cluster: dict[str, float]) -> int:
 
 
 def _trial(sample: dict[str, Any], base: dict, prepared_dir: str, out_dir: str) -> None:
-    """One Tune trial: the cv folds of one sampled config, reporting after each fold."""
-    from idengine.cv import run_cv
-
+    """One Tune trial: the cv folds of one sampled config, reporting after each fold (fold metric, running mean)."""
     config = with_values(config_from_dict(base), sample)
     monitor = config.tune.metric
-    trial_dir = Path(out_dir) / "trials" / tune.get_context().get_trial_id()
-    per_fold: dict[str, float] = {}
-
-    def report(folds_done: int, summary: dict) -> None:
-        per_fold[f"{monitor}_fold{summary['fold']}"] = summary["val"][monitor]
-        tune.report({"folds_done": folds_done, f"mean_{monitor}": summary["running"][monitor]["mean"],
-                     f"sd_{monitor}": summary["running"][monitor]["sd"], **per_fold})
-
-    run_cv(config, prepared_dir, trial_dir, on_fold=report)
+    trial_dir = Path(out_dir) / C.TRIALS_DIR / tune.get_context().get_trial_id()
+    results, per_fold = [], {}
+    for result in iter_folds(config, prepared_dir, trial_dir):
+        results.append(result)
+        per_fold[f"{monitor}_fold{result.fold}"] = result.val[monitor]
+        running = running_summary(results)[monitor]
+        tune.report({"folds_done": len(results), f"mean_{monitor}": running["mean"], f"sd_{monitor}": running["sd"],
+                     **per_fold})
+    write_cv(trial_dir, config, results, read_prepared(prepared_dir)[1].num_classes)
 
 
 def run_tune(config: Config, prepared_dir: str | Path, out_dir: str | Path, resume: bool = False) -> Path:
@@ -120,17 +121,10 @@ def run_tune(config: Config, prepared_dir: str | Path, out_dir: str | Path, resu
     config = tunable(config)
     monitor = config.tune.metric
     metric = f"mean_{monitor}"
-    from idengine.data.prepare import read_prepared
-    from idengine.train.ray_train import storage_uri
-
     records, _ = read_prepared(prepared_dir)
-    if config.model.finetune == "probe" and not config.model.is_baseline():
-        from idengine.embed import embed_table
-
+    if config.model.kind == "probe":
         embed_table(prepared_dir, config)  # embed once here: trials then only fit heads on the cached embeddings
-    elif not config.model.is_baseline():
-        from idengine.data.ray_tokenize import tokenized_table
-
+    elif config.model.kind == "transformer":
         tokenized_table(prepared_dir, config)  # tokenize once here, so trials share the cache instead of racing
     n_folds = records["fold"].nunique() - int((records["fold"] == "test").any())
     trainable = tune.with_parameters(_trial, base=config_to_dict(config), prepared_dir=str(Path(prepared_dir).resolve()),
@@ -182,28 +176,20 @@ def _write_outputs(grid, config: Config, out_dir: Path, metric: str, n_folds: in
         row.update({k: v for k, v in m.items() if k.startswith(f"{config.tune.metric}_fold")})
         rows.append(row)
     table = pd.DataFrame(rows).sort_values(["folds_done", metric], ascending=False, na_position="last")
-    table.to_csv(out_dir / TRIALS_CSV, index=False)
-    (out_dir / TRIALS_MD).write_text(_markdown(table))
+    table.to_csv(out_dir / C.TRIALS_CSV, index=False)
+    write_text(out_dir / C.TRIALS_MD, trials_markdown(table))
     # Only trials that ran every fold compete for "best": a stopped trial's running mean covers fewer folds.
     complete = table[table["status"] == "COMPLETE"]
     sample = {k[len("config/"):]: _plain(v) for k, v in complete.iloc[0].items() if k.startswith("config/")} \
         if len(complete) else dict(grid.get_best_result(metric=metric, mode="max", scope="last").config)
     best_config = with_values(config, sample)
-    save_config(best_config, out_dir / BEST_CONFIG)
-    (out_dir / "best.json").write_text(json.dumps({"config": sample, metric: float(complete.iloc[0][metric])
-                                                   if len(complete) else None, "experiment": grid.experiment_path},
-                                                  indent=1, default=str))
-    logger.info("tune done: best %s, %s -> %s", sample, metric, out_dir / BEST_CONFIG)
+    save_config(best_config, out_dir / C.BEST_CONFIG)
+    write_json(out_dir / C.BEST_JSON, {"config": sample, metric: float(complete.iloc[0][metric]) if len(complete)
+                                       else None, "experiment": str(grid.experiment_path)})
+    logger.info("tune done: best %s, %s -> %s", sample, metric, out_dir / C.BEST_CONFIG)
     return out_dir
 
 
 def _plain(value: Any) -> Any:
     """numpy scalars from the trials table -> Python values (YAML and the config loader need them)."""
     return value.item() if hasattr(value, "item") else value
-
-
-def _markdown(table: pd.DataFrame) -> str:
-    """A Markdown table of the trials (floats to 4 decimals)."""
-    cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row] for row in table.itertuples(index=False)]
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells]) + "\n"

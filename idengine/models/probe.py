@@ -1,16 +1,15 @@
-"""Step 10b, probe: a linear or small MLP head on the frozen-backbone embeddings of `embed.py`.
+"""Step 7d, probe: a linear or small MLP head on a frozen backbone's pooled embeddings (`features/embeddings.py`).
 
-The lightweight path and a cheap tuning surrogate: `fit_probe` trains a head on the cached embeddings;
-`probe_fold_fn` plugs both into `cv.run_cv` beside the baselines.
+The lightweight path and a cheap tuning surrogate: `fit_probe` trains a head on cached embeddings, in torch (on the GPU
+when there is one); the fitted `Probe` is plain arrays, saved as safetensors + JSON for an artifact.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -18,13 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from idengine import columns as C
-from idengine.config import Config
-from idengine.embed import EMBEDDINGS_DIR, embed_table, embedding_matrix
+from idengine import layout as L
+from idengine.config import PROBE_HEADS
+from idengine.models.kmer import log_probs_all_classes
 
 log = logging.getLogger(__name__)
-
-PROBE_KINDS = ("linear", "mlp")
 
 LINEAR_C = 1.0  # inverse L2 strength of the linear probe, as scikit-learn's C (its default)
 LBFGS_MAX_ITER = 500
@@ -34,20 +31,6 @@ BATCH_ROWS, MAX_EPOCHS, PATIENCE = 256, 300, 20
 HOLDOUT_FRACTION, MIN_ROWS_FOR_HOLDOUT = 0.1, 40
 NO_HOLDOUT_EPOCHS = 50
 """mlp: epochs trained when the fold is too small to hold anything out."""
-
-
-def record_embeddings(prepared_dir: str | Path, config: Config, records: pd.DataFrame) -> np.ndarray:
-    """(len(records), hidden) embeddings of `records` (rows of the prepared directory), in their order.
-
-    Raises:
-        ValueError: the embedding cache lacks some of the records.
-    """
-    table = embed_table(prepared_dir, config)
-    position = pd.Index(table.column(C.ID).to_pylist()).get_indexer(records[C.ID])
-    if (position < 0).any():
-        raise ValueError(f"{prepared_dir}: embeddings lack {int((position < 0).sum())} records; delete "
-                         f"{Path(prepared_dir) / EMBEDDINGS_DIR} and run again")
-    return embedding_matrix(table)[position]
 
 
 @dataclass
@@ -69,8 +52,6 @@ class Probe:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """(n, num_classes) float32 log-probabilities; classes absent from training sit far below every other."""
-        from idengine.baselines import _log_probs_all_classes
-
         h = (np.asarray(x, dtype=np.float32) - self.mean) / self.scale
         for i, (weight, bias) in enumerate(self.layers):
             h = h @ weight.T + bias
@@ -78,7 +59,37 @@ class Probe:
                 h = np.maximum(h, 0.0)
         scores = np.zeros((h.shape[0], self.num_classes), dtype=np.float64)
         scores[:, self.present] = h
-        return _log_probs_all_classes(scores, self.present).astype(np.float32)
+        return log_probs_all_classes(scores, self.present).astype(np.float32)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write probe.json (kind, sizes) + probe.safetensors (standardisation, layers, present classes; no pickle)."""
+        from safetensors.numpy import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        arrays = {"mean": self.mean, "scale": self.scale, "present": self.present.astype(np.uint8)}
+        for i, (weight, bias) in enumerate(self.layers):
+            arrays[f"layer{i}.weight"], arrays[f"layer{i}.bias"] = weight, bias
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(out / L.PROBE_ARRAYS))
+        meta = {"kind": self.kind, "num_classes": self.num_classes, "layers": len(self.layers),
+                "iterations": self.iterations}
+        (out / L.PROBE_META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        return out
+
+
+def load_probe(directory: str | Path) -> Probe:
+    """Read a probe written by `Probe.save`; FileNotFoundError when its files are missing."""
+    from safetensors.numpy import load_file
+
+    src = Path(directory)
+    for name in (L.PROBE_META, L.PROBE_ARRAYS):
+        if not (src / name).exists():
+            raise FileNotFoundError(f"{src / name} not found: not a directory written by Probe.save")
+    meta = json.loads((src / L.PROBE_META).read_text(encoding="utf-8"))
+    a = load_file(str(src / L.PROBE_ARRAYS))
+    layers = [(a[f"layer{i}.weight"], a[f"layer{i}.bias"]) for i in range(int(meta["layers"]))]
+    return Probe(meta["kind"], int(meta["num_classes"]), a["mean"], a["scale"], layers, a["present"].astype(bool),
+                 int(meta.get("iterations", 0)))
 
 
 def _fit_linear(x: torch.Tensor, y: torch.Tensor, k: int) -> tuple[nn.Linear, int]:
@@ -176,8 +187,8 @@ def fit_probe(kind: str, x: np.ndarray, y: np.ndarray, num_classes: int, seed: i
         ValueError: unknown kind, shapes disagree, labels out of range or fewer than two classes.
     """
     x, y = np.asarray(x, dtype=np.float32), np.asarray(y)
-    if kind not in PROBE_KINDS:
-        raise ValueError(f"unknown probe {kind!r}; choose one of {PROBE_KINDS}")
+    if kind not in PROBE_HEADS:
+        raise ValueError(f"unknown probe {kind!r}; choose one of {PROBE_HEADS}")
     if x.ndim != 2 or y.shape != (x.shape[0],) or len(y) == 0:
         raise ValueError(f"expected x (n, hidden) and y (n,) with n > 0, got {x.shape} and {y.shape}")
     if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= num_classes:
@@ -206,43 +217,3 @@ def fit_probe(kind: str, x: np.ndarray, y: np.ndarray, num_classes: int, seed: i
     log.info("%s probe: %d rows, %d of %d classes, %d iterations/epochs", kind, len(y), classes.size, num_classes,
              iterations)
     return Probe(kind, num_classes, mean, scale, layers, present, iterations, history)
-
-
-def probe_fold_fn(config: Config, prepared_dir: str | Path, records: pd.DataFrame, labels
-                  ) -> Callable[[str], dict]:
-    """The cv fold function of `model.finetune = "probe"`: embeddings computed once, a head fitted per fold.
-
-    Args:
-        config: backbone to embed with, probe head and pooling, train.seed / top_k / train_eval_size / monitor.
-        prepared_dir, records, labels: a prepared directory and `read_prepared(prepared_dir)`.
-
-    Returns:
-        fit(fold) -> the dict `cv._fold_result` builds (the same keys as the baselines' folds).
-    """
-    from idengine.cv import _fold_result
-    from idengine.metrics import classification_metrics, softmax
-
-    x, kind = record_embeddings(prepared_dir, config, records), config.model.probe_head
-    folds, y = records[C.FOLD].to_numpy(), records[C.LABEL].to_numpy()
-    groups = records[C.GROUP].to_numpy() if C.GROUP in records else None
-
-    def fit(fold: str) -> dict:
-        train, val = np.flatnonzero((folds != fold) & (folds != C.TEST_FOLD)), np.flatnonzero(folds == fold)
-        start = time.time()
-        probe = fit_probe(kind, x[train], y[train], labels.num_classes, seed=config.train.seed,
-                          groups=None if groups is None else groups[train])
-        fit_s = time.time() - start
-        rng = np.random.default_rng(config.train.seed)  # the same training sample whatever the fold order
-        sample = np.sort(rng.choice(train, size=min(config.train.train_eval_size, len(train)), replace=False))
-        start = time.time()
-        val_logits = probe.logits(x[val])
-        predict_s = time.time() - start
-        k, monitor = config.train.top_k, config.train.monitor
-        val_m = classification_metrics(y[val], softmax(val_logits), top_k=k)
-        train_m = classification_metrics(y[sample], softmax(probe.logits(x[sample])), top_k=k)
-        epoch = {**val_m, **{f"train_{m}": v for m, v in train_m.items()}, "epoch": 1, "fit_s": round(fit_s, 2),
-                 "predict_seqs_per_s": round(len(val) / max(predict_s, 1e-9), 1),
-                 f"gap_{monitor}": train_m[monitor] - val_m[monitor]}
-        return _fold_result(fold, records[C.ID].to_numpy()[val], y[val], val_logits, epoch, [epoch], config)
-
-    return fit

@@ -1,89 +1,45 @@
-"""Step 7, model: a Nucleotide Transformer (ESM) backbone + a new classification head, adapted with LoRA (peft).
+"""Step 7a, transformer: a Nucleotide Transformer (ESM) backbone + a new classification head, adapted with LoRA (peft).
 
 `build_model` gives the module the training loop trains; `trainable_state_dict` / `load_trainable_state` move only
-what training changed (adapter + head), never the multi-GB base. Backbone `tiny` is a random model of the same
-architecture for CPU tests; `save_tiny_backbone` writes it as a checkpoint directory.
+what training changed (adapter + head), never the multi-GB base. `load_backbone` gives the frozen headless backbone
+the probe embeds with. Both load checkpoints through `from_pretrained`, the one place that decides which checkpoints
+may be unpickled. Backbone `tiny` (models/tiny.py) is a random model of the same architecture for CPU tests.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from idengine.config import DEFAULT_BACKBONE, TINY_BACKBONE, LoraSettings, ModelConfig
+from idengine.models.tiny import tiny_config, tiny_masked_lm
 
 log = logging.getLogger(__name__)
 
 # Checkpoints we trust to unpickle: InstaDeepAI publishes the 2.5B NT only as pickled `.bin` shards.
 PICKLE_TRUSTED_BACKBONES = (DEFAULT_BACKBONE,)
-TINY_SEED = 0
-"""The tiny backbone's weights are always drawn from this seed, so every process rebuilds the same base."""
 
 
-def tiny_config(**labels):
-    """EsmConfig of the 2.5B NT (absolute positions, token dropout, pad 1, mask 2, 1000 tokens) at toy size.
+def from_pretrained(model_cls, model_cfg: ModelConfig, **kwargs) -> nn.Module:
+    """`model_cls.from_pretrained(model_cfg.backbone, ...)` under idengine's one rule on pickles.
 
-    vocab_size is 4105 as in the real model: ids 4105/4106 (`<eos>`, `<bos>`) never occur because the tokenizer
-    adds no EOS. Token dropout only rescales embeddings by a constant 0.88 when no `<mask>` is present (the same in
-    training and evaluation), so it is kept as in the real model.
-
-    Args:
-        **labels: num_labels, id2label, label2id for a classification config.
+    Unpickling can run code: pickled `.bin` shards are read only for checkpoints named as trusted
+    (PICKLE_TRUSTED_BACKBONES: InstaDeepAI publishes the 2.5B NT only so); every other backbone must ship safetensors,
+    and a checkpoint that has none is refused by transformers with a message naming the missing file.
     """
-    from transformers import EsmConfig
-
-    return EsmConfig(
-        vocab_size=4105,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        max_position_embeddings=1002,
-        position_embedding_type="absolute",
-        pad_token_id=1,
-        mask_token_id=2,
-        token_dropout=True,
-        emb_layer_norm_before=False,
-        layer_norm_eps=1e-12,
-        **labels,
+    return model_cls.from_pretrained(
+        model_cfg.backbone,
+        revision=model_cfg.revision,
+        trust_remote_code=model_cfg.trust_remote_code,
+        use_safetensors=model_cfg.backbone not in PICKLE_TRUSTED_BACKBONES,
+        dtype=torch.float32,  # fp32 master weights; the loop autocasts to bf16/fp16 on a GPU
+        **kwargs,
     )
 
 
-def _tiny_masked_lm():
-    """The tiny backbone as an EsmForMaskedLM (the class NT checkpoints are saved as), seeded with TINY_SEED."""
-    from transformers import EsmForMaskedLM
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        return EsmForMaskedLM(tiny_config())
-
-
-def save_tiny_backbone(out_dir: str | Path) -> Path:
-    """Write the tiny backbone as a checkpoint dir (config.json, model.safetensors, NT tokenizer files).
-
-    `build_model` on this directory goes through the same `from_pretrained` path as a real checkpoint and gives
-    the same weights as backbone `tiny`.
-
-    Args:
-        out_dir: directory to write (created if needed).
-
-    Returns:
-        out_dir as a Path.
-    """
-    from idengine.data.tokenize import write_offline_tokenizer
-
-    out = Path(out_dir)
-    _tiny_masked_lm().save_pretrained(str(out), safe_serialization=True)
-    write_offline_tokenizer(out)
-    return out
-
-
-def _load_classifier(model_cfg: ModelConfig, num_labels: int, id2label: dict[int, str]) -> nn.Module:
+def load_classifier(model_cfg: ModelConfig, num_labels: int, id2label: dict[int, str]) -> nn.Module:
     """EsmForSequenceClassification with the backbone's weights and a classification head still to be set."""
     from transformers import EsmForSequenceClassification
 
@@ -91,22 +47,25 @@ def _load_classifier(model_cfg: ModelConfig, num_labels: int, id2label: dict[int
     if model_cfg.backbone == TINY_BACKBONE:
         with torch.random.fork_rng(devices=[]):
             model = EsmForSequenceClassification(tiny_config(**labels))
-        missing, _unexpected = model.load_state_dict(_tiny_masked_lm().state_dict(), strict=False)
+        missing, _unexpected = model.load_state_dict(tiny_masked_lm().state_dict(), strict=False)
         if any(not k.startswith("classifier.") for k in missing):
             raise RuntimeError(f"tiny backbone misses weights {missing}")
         return model
-    # Unpickling can run code: pickled `.bin` shards are read only for checkpoints named as trusted; every other
-    # backbone must ship safetensors.
-    use_safetensors = model_cfg.backbone not in PICKLE_TRUSTED_BACKBONES
-    return EsmForSequenceClassification.from_pretrained(
-        model_cfg.backbone,
-        revision=model_cfg.revision,
-        trust_remote_code=model_cfg.trust_remote_code,
-        use_safetensors=use_safetensors,
-        dtype=torch.float32,  # fp32 master weights; the loop autocasts to bf16/fp16 on a GPU
-        ignore_mismatched_sizes=True,  # a checkpoint that already has a head of another size
-        **labels,
-    )
+    # ignore_mismatched_sizes: a checkpoint that already has a head of another size
+    return from_pretrained(EsmForSequenceClassification, model_cfg, ignore_mismatched_sizes=True, **labels)
+
+
+def load_backbone(model_cfg: ModelConfig) -> nn.Module:
+    """The backbone without any head (an EsmModel for NT checkpoints), frozen, in eval mode, fp32 on the CPU."""
+    if model_cfg.backbone == TINY_BACKBONE:
+        model = tiny_masked_lm().esm  # the same TINY_SEED weights build_model starts from
+    else:
+        from transformers import AutoModel
+
+        # ESM's pooler is untrained in NT checkpoints; the embeddings are pooled by models/inference.py instead
+        model = from_pretrained(AutoModel, model_cfg, add_pooling_layer=False)
+    model.requires_grad_(False)
+    return model.eval()
 
 
 def _reset_head(model: nn.Module, seed: int) -> None:
@@ -136,7 +95,7 @@ def build_model(
         A peft PeftModelForSequenceClassification (`lora`) or an EsmForSequenceClassification (`full`, `head`),
         in training mode, on the CPU. Only the parameters the mode trains have requires_grad.
     """
-    model = _load_classifier(model_cfg, num_labels, id2label)
+    model = load_classifier(model_cfg, num_labels, id2label)
     _reset_head(model, seed)
     if model_cfg.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input grads, so it works with a frozen embedding (peft #899).

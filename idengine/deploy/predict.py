@@ -1,0 +1,258 @@
+"""Step 12, predict: an exported model + a FASTA of any size -> one call per sequence, with Ray Data actors.
+
+1. `iter_chunks` streams the FASTA (`data/fasta.py`) in blocks of records and checks each record as `prepare` did
+   (`data/clean.check_sequence`, with the thresholds the model was trained with). A bad record is kept with its
+   reason; it never stops the job. Only a file that is not FASTA at all is fatal.
+2. `PredictBatch` (a Ray Data `map_batches` callable run by an actor pool, one GPU per actor when the cluster has
+   GPUs) loads the artifact once per actor and calls `Artifact.call_chunk` on the good records of each batch.
+3. The driver writes calls to `out` (CSV, or parquet when `out` ends in .parquet) and bad records to
+   `<out>.errors.csv` (id, record, reason, detail) as batches arrive, under temporary names renamed at the end.
+Output columns: id, record (1-based position in the FASTA), length_bp, then the artifact's call columns
+(`deploy/artifact.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.data
+from ray.data import Datasource, ReadTask
+from ray.data.block import BlockMetadata
+
+from idengine import layout as L
+from idengine.config import DataConfig, PredictConfig, load_config
+from idengine.data.clean import check_sequence
+from idengine.data.fasta import check_fasta_start, iter_fasta
+from idengine.deploy.artifact import CHUNK_COLUMNS, ERROR_COLUMNS, load_artifact, verify_artifact
+from idengine.storage import publish_file
+
+log = logging.getLogger(__name__)
+
+CHUNK_RECORDS = 1024  # records per block read from the FASTA: memory stays flat whatever the file size
+BATCHES_PER_CALL = 8  # forward batches per Ray Data batch: sorting by length within it cuts padding
+
+
+def iter_chunks(path: str | Path, cfg: DataConfig, chunk_records: int = CHUNK_RECORDS) -> Iterator[pd.DataFrame]:
+    """Stream a FASTA as DataFrames of at most chunk_records rows: id, record, sequence, length_bp, reason, detail.
+
+    Only a file that is not FASTA at all raises (InputError, see `data.fasta.check_fasta_start`); a bad record is
+    a row with its reason (no_id, binary_data, truncated_file, or a `check_sequence` reason).
+    """
+    rows: list[tuple] = []
+    for record in iter_fasta(path):
+        if record.problem:
+            rows.append((record.id, record.number, "", 0, record.problem, record.detail))
+            if record.problem == "truncated_file":
+                log.warning("%s: %s", path, record.detail)
+        else:
+            seq, reason, detail = check_sequence(record.sequence, cfg)
+            rows.append((record.id, record.number, "" if reason else seq, 0 if reason else len(seq), reason, detail))
+        if len(rows) >= chunk_records:
+            yield pd.DataFrame(rows, columns=CHUNK_COLUMNS)
+            rows = []
+    if rows:
+        yield pd.DataFrame(rows, columns=CHUNK_COLUMNS)
+
+
+class PredictBatch:
+    """Ray Data callable: one artifact per actor (loaded once), then `Artifact.call_chunk` on each batch."""
+
+    def __init__(self, model_dir: str, top_k: int, batch_size: int, files: Any = None) -> None:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if isinstance(files, ray.ObjectRef):
+            files = ray.get(files)
+        if files is not None:  # the artifact travelled through the object store: nodes need no shared disk
+            model_dir = _materialise(files)
+        # The driver verified every sha256; merged/ is never shipped, so it would read as missing here.
+        self.artifact = load_artifact(model_dir, verify=False)
+        self.top_k, self.batch_size = top_k, batch_size
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return self.artifact.call_chunk(batch, self.top_k, self.batch_size)
+
+
+def _artifact_files(model_dir: Path, limit_bytes: int = 1 << 30) -> dict[str, bytes] | None:
+    """The files an actor needs (merged/ excluded), or None when they are too big to ship (read from disk then)."""
+    files = [p for p in model_dir.rglob("*") if p.is_file() and p.relative_to(model_dir).parts[0] != "merged"]
+    if sum(p.stat().st_size for p in files) > limit_bytes:
+        return None
+    return {p.relative_to(model_dir).as_posix(): p.read_bytes() for p in files}
+
+
+def _materialise(files: dict[str, bytes]) -> str:
+    directory = Path(tempfile.mkdtemp(prefix="idengine-model-"))
+    for name, content in files.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_bytes(content)
+    return str(directory)
+
+
+class _Writer:
+    """Appends calls (CSV or parquet) and bad records (CSV) under temporary names; `close` renames them."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.errors, tag = out, out.with_name(out.name + L.ERRORS_SUFFIX), uuid.uuid4().hex[:8]
+        self.tmp_out, self.tmp_errors = (out.with_name(f".{p.name}.{tag}.tmp") for p in (out, self.errors))
+        self.parquet, self.n_calls, self.n_errors = out.suffix == ".parquet", 0, 0
+        self.writer: pq.ParquetWriter | None = None
+        self.columns: list[str] | None = None
+        pd.DataFrame(columns=ERROR_COLUMNS).to_csv(self.tmp_errors, index=False)
+
+    def write(self, block: pd.DataFrame) -> None:
+        bad = block["reason"] != ""
+        errors = block.loc[bad, ERROR_COLUMNS]
+        errors.to_csv(self.tmp_errors, mode="a", header=False, index=False)
+        calls = block.loc[~bad].drop(columns=["reason", "detail"])
+        self.columns = self.columns or list(calls.columns)
+        self.n_errors += len(errors)
+        if calls.empty:  # nothing to append; an all-bad block would also give the parquet schema null types
+            return
+        calls = calls[self.columns]
+        if self.parquet:
+            table = pa.Table.from_pandas(calls, preserve_index=False)
+            self.writer = self.writer or pq.ParquetWriter(self.tmp_out, table.schema)
+            self.writer.write_table(table.cast(self.writer.schema))
+        else:
+            calls.to_csv(self.tmp_out, mode="a", header=self.n_calls == 0, index=False, float_format="%.6g")
+        self.n_calls += len(calls)
+
+    def close(self) -> None:
+        if self.parquet and self.writer is None:
+            pq.write_table(pa.table({c: pa.array([], pa.string()) for c in self.columns or ["id"]}), self.tmp_out)
+        elif self.writer is not None:
+            self.writer.close()
+        elif not self.tmp_out.exists():
+            pd.DataFrame(columns=self.columns or ["id"]).to_csv(self.tmp_out, index=False)
+        publish_file(self.tmp_errors, self.errors)
+        publish_file(self.tmp_out, self.out)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        for path in (self.tmp_out, self.tmp_errors):
+            path.unlink(missing_ok=True)
+
+
+class FastaDatasource(Datasource):
+    """One read task that streams a FASTA through `iter_chunks` (a gzip stream cannot be split between tasks)."""
+
+    def __init__(self, path: Path, cfg: DataConfig, chunk_records: int = CHUNK_RECORDS) -> None:
+        super().__init__()
+        self.path, self.cfg, self.chunk_records = path, cfg, chunk_records
+
+    @property
+    def supports_distributed_reads(self) -> bool:
+        return False  # a local file: read it on the driver's node
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return self.path.stat().st_size
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context: Any = None) -> list[ReadTask]:
+        path, cfg, chunk = self.path, self.cfg, self.chunk_records
+        meta = BlockMetadata(num_rows=None, size_bytes=path.stat().st_size, exec_stats=None, input_files=(str(path),))
+        return [ReadTask(lambda: iter_chunks(path, cfg, chunk), meta)]
+
+
+def _actor_pool(cfg: PredictConfig) -> tuple[int, bool]:
+    """(actors, one GPU each?): num_actors, or one per GPU of the cluster, or one per two CPUs."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if cfg.num_actors:
+        return cfg.num_actors, gpus > 0
+    return (gpus, True) if gpus else (max(1, int(resources.get("CPU", 1)) // 2), False)
+
+
+def call_blocks(ds: ray.data.Dataset, model_dir: Path, cfg: PredictConfig) -> Iterator[pd.DataFrame]:
+    """Calls of a dataset of `iter_chunks` rows on an actor pool, in order; the artifact travels through the object
+    store when small, so worker nodes need no shared disk."""
+    actors, use_gpu = _actor_pool(cfg)
+    files = _artifact_files(model_dir)
+    log.info("predict: %d actor(s)%s", actors, " with 1 GPU each" if use_gpu else "")
+    ds.context.execution_options.preserve_order = True  # calls come out in input order
+    calls = ds.map_batches(
+        PredictBatch,
+        fn_constructor_kwargs={"model_dir": str(model_dir.resolve()), "top_k": cfg.top_k,
+                               "batch_size": cfg.batch_size, "files": None if files is None else ray.put(files)},
+        batch_size=cfg.batch_size * BATCHES_PER_CALL,
+        batch_format="pandas",
+        compute=ray.data.ActorPoolStrategy(size=actors),  # `concurrency=` is deprecated since Ray 2.51
+        num_gpus=1 if use_gpu else None,
+    )
+    yield from calls.iter_batches(batch_format="pandas", batch_size=None)
+
+
+def predict_table(model_dir: str | Path, ids: list[str], sequences: list[str], cfg: PredictConfig,
+                  use_ray: bool = True) -> pd.DataFrame:
+    """Calls of in-memory records (already-clean sequences), on the Ray Data actor pool or in this process.
+
+    `idengine train` scores the test split and the set-aside rare species with the exported artifact this way:
+    the same path, actors and columns as `predict_file`.
+    """
+    model_dir = Path(model_dir)
+    data_cfg = load_config(model_dir / L.CONFIG_FILE).data
+    rows = []
+    for number, (rid, raw) in enumerate(zip(ids, sequences), start=1):
+        seq, reason, detail = check_sequence(raw, data_cfg)
+        rows.append((rid, number, "" if reason else seq, 0 if reason else len(seq), reason, detail))
+    chunk = pd.DataFrame(rows, columns=CHUNK_COLUMNS)
+    if not use_ray or chunk.empty:
+        return load_artifact(model_dir, verify=False).call_chunk(chunk, cfg.top_k, cfg.batch_size)
+    blocks = list(call_blocks(ray.data.from_pandas(chunk), model_dir, cfg))
+    return pd.concat(blocks, ignore_index=True)
+
+
+def _ray_blocks(model_dir: Path, sequences: Path, data_cfg: DataConfig, cfg: PredictConfig) -> Iterator[pd.DataFrame]:
+    yield from call_blocks(ray.data.read_datasource(FastaDatasource(sequences, data_cfg)), model_dir, cfg)
+
+
+def _local_blocks(model_dir: Path, sequences: Path, data_cfg: DataConfig, cfg: PredictConfig) -> Iterator[pd.DataFrame]:
+    artifact = load_artifact(model_dir, verify=False)
+    for chunk in iter_chunks(sequences, data_cfg):
+        yield artifact.call_chunk(chunk, cfg.top_k, cfg.batch_size)
+
+
+def predict_file(model_dir: str | Path, sequences_path: str | Path, out_path: str | Path,
+                 predict_cfg: PredictConfig, use_ray: bool = True) -> Path:
+    """Identify every sequence of a FASTA (plain or gzip, any size) with an exported model.
+
+    Args:
+        model_dir: artifact directory written by `idengine train` (its files are checked against the manifest).
+        sequences_path: FASTA or FASTA.gz.
+        out_path: calls file, CSV (or parquet when it ends in .parquet); bad records go to `<out>.errors.csv`.
+        predict_cfg: batch size, top-k, number of actors.
+        use_ray: Ray Data actors (needs `ray.init()` first); False scores in this process (small files, tests).
+
+    Returns:
+        out_path as a Path; both files appear only when complete. Raises InputError when the sequences file is not
+        FASTA at all, ValueError / FileNotFoundError for a bad artifact.
+    """
+    model_dir, sequences, out = Path(model_dir), Path(sequences_path), Path(out_path)
+    verify_artifact(model_dir)
+    data_cfg = load_config(model_dir / L.CONFIG_FILE).data
+    check_fasta_start(sequences)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = _Writer(out)
+    start = time.perf_counter()
+    try:
+        blocks = _ray_blocks if use_ray else _local_blocks
+        for block in blocks(model_dir, sequences, data_cfg, predict_cfg):
+            writer.write(block)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    seconds = time.perf_counter() - start
+    log.info("predict: %d records called, %d reported in %s, in %.1f s (%.0f records/s) -> %s", writer.n_calls,
+             writer.n_errors, writer.errors.name, seconds, (writer.n_calls + writer.n_errors) / max(seconds, 1e-9), out)
+    return out

@@ -1,0 +1,1 @@
+"""Evaluate: metrics, calibration, calls and their summaries, out-of-fold results."""
