@@ -1,6 +1,7 @@
 """Every setting of idengine, as frozen dataclasses; `load_config(path, overrides)` builds one from YAML + `a.b=value`.
 
-The YAML file has one section per dataclass (`data`, `model`, `lora`, `train`, `tune`, `calibrate`, `predict`).
+The YAML file has one section per dataclass (`data`, `model`, `lora`, `train`, `tune`, `calibrate`, `engine`,
+`predict`).
 An unknown section or key is an error, so a typo never silently falls back to a default.
 """
 
@@ -29,6 +30,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 TUNE_SCHEDULERS = ("asha", "fifo")
 TUNE_DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
 CALIBRATION_METHODS = ("temperature", "platt", "isotonic", "none")
+BASE_DTYPES = ("fp32", "bf16", "fp16")
 
 
 def _check_choice(key: str, value: object, choices: tuple[str, ...]) -> None:
@@ -105,6 +107,9 @@ class ModelConfig:
     """Tokens per sequence including CLS; longer sequences are truncated and counted (NT's limit is 1000)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, about 30% slower. For the 2.5B model at long lengths."""
+    base_dtype: str = "fp32"
+    """Precision of the FROZEN base weights: `fp32`, `bf16` (Ampere+ GPUs) or `fp16` (T4/V100); the LoRA adapters and
+    the head always stay fp32. Half halves the 9.5 GiB of the 2.5B base."""
     kmer: int = 8
     """k of the k-mer models."""
 
@@ -119,6 +124,7 @@ class ModelConfig:
         _check_choice("model.finetune", self.finetune, FINETUNE_MODES)
         _check_choice("model.probe_head", self.probe_head, PROBE_HEADS)
         _check_choice("model.pooling", self.pooling, POOLINGS)
+        _check_choice("model.base_dtype", self.base_dtype, BASE_DTYPES)
         if not 8 <= self.max_tokens <= 1000:
             raise ValueError("model.max_tokens must be in [8, 1000] (the NT position limit)")
         if not 1 <= self.kmer <= 12:
@@ -242,6 +248,42 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class EngineConfig:
+    enabled: bool = True
+    """The call comes from the decision step (reference index + classifier + k-mer evidence); false: from the
+    classifier's calibrated probabilities alone, over the classifier's species only."""
+    kmer_model: str = "kmer-nb"
+    """The k-mer model whose probabilities are evidence beside the classifier's (a k-mer classifier is its own)."""
+    index_k: int = 10
+    """k of the reference index's k-mer prefilter."""
+    index_sampling: int = 2
+    """The prefilter keeps 1 in this many k-mers (FracMinHash): memory and time / s, recall barely changes."""
+    candidates: int = 16
+    """References aligned per query (the prefilter's top candidates): more finds more, costs linearly."""
+    min_overlap: float = 0.3
+    """An alignment counts only when it overlaps this share of the shorter sequence (else a few bases at 100%)."""
+    max_species: int = 8
+    """Candidate species per query taken from the aligned hits, best identity first."""
+    classifier_top: int = 3
+    """The classifier's and the k-mer model's most probable species join the candidates."""
+    novel_genus_share: float = 0.3
+    """Share of the rare species whose records are simulated as a novel GENUS (their whole genus hidden) rather than
+    a novel species, when the decision model learns what 'not in the reference' looks like."""
+    hidden: int = 32
+    """Hidden units of the decision model's scorer (0: a linear scorer)."""
+    seed: int = 0
+    """Seed of the simulated novelty and of the decision model's fit."""
+
+    def __post_init__(self) -> None:
+        _check_choice("engine.kmer_model", self.kmer_model, KMER_KINDS)
+        if self.candidates < 1 or self.max_species < 1 or self.index_sampling < 1 or not 4 <= self.index_k <= 15:
+            raise ValueError("engine.candidates, engine.max_species, engine.index_sampling must be >= 1 and "
+                             "engine.index_k in [4, 15]")
+        if not 0.0 <= self.min_overlap <= 1.0 or not 0.0 <= self.novel_genus_share <= 1.0:
+            raise ValueError("engine.min_overlap and engine.novel_genus_share must be in [0, 1]")
+
+
+@dataclass(frozen=True)
 class CalibrateConfig:
     method: str = "temperature"
     """`temperature` (multiclass), `platt` or `isotonic` (one-vs-rest), or `none`."""
@@ -274,6 +316,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
 
 
