@@ -36,7 +36,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from idengine import layout as C  # noqa: E402
-from idengine.config import load_config, with_values  # noqa: E402
+from idengine.config_io import load_config, with_values  # noqa: E402
 from idengine.data.prepared import read_prepared
 from idengine.recipes.prepare import prepare_dataset  # noqa: E402
 from idengine.features.tokens import tokenized_table  # noqa: E402

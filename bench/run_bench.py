@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def prepare(args: argparse.Namespace, work: Path) -> Path:
     """Run idengine's prepare once (protocol: no test split, min distinct sequences, optional fold file)."""
-    from idengine.config import load_config
+    from idengine.config_io import load_config
     from idengine.recipes.prepare import prepare_dataset
 
     out = work / "prepared"
@@ -91,7 +91,7 @@ def prepare(args: argparse.Namespace, work: Path) -> Path:
 
 def model_config(model: str, prepared: Path, work: Path, epochs: int, seed: int):
     """The Config a model runs with: tiny-cpu.yaml + the model kind, scratch paths and the epoch budget."""
-    from idengine.config import load_config
+    from idengine.config_io import load_config
 
     kind = {"tiny": "transformer", "probe": "probe"}.get(model, model)
     overrides = [f"model.kind={kind}", "model.backbone=tiny", f"train.storage_path={(work / 'ray').resolve()}",

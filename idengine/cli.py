@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from idengine.config import load_config
+from idengine.config_io import load_config
 
 logger = logging.getLogger("idengine")
 

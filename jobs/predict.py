@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir holds the idengine package
 
 from idengine.recipes.runtime import init_ray  # noqa: E402
-from idengine.config import load_config  # noqa: E402
+from idengine.config_io import load_config  # noqa: E402
 from idengine.deploy.predict import predict_file  # noqa: E402
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir holds the idengine package
 
 from idengine.recipes.runtime import init_ray  # noqa: E402
-from idengine.config import load_config  # noqa: E402
+from idengine.config_io import load_config  # noqa: E402
 from idengine.recipes.cv import run_cv  # noqa: E402
 from idengine.recipes.prepare import prepare_dataset  # noqa: E402
 from idengine.recipes.train import train_final  # noqa: E402

@@ -52,7 +52,7 @@ from fixtures_tiny import *  # noqa: E402,F401,F403  (tiny model, offline tokeni
 @pytest.fixture(scope="session")
 def prepared_example(tmp_path_factory) -> Path:
     """The bundled example (examples/12s-fish-mini) prepared with default settings, once per test run."""
-    from idengine.config import load_config
+    from idengine.config_io import load_config
     from idengine.recipes.prepare import prepare_dataset
 
     config = load_config(REPO / "jobs" / "configs" / "tiny-cpu.yaml", [
@@ -64,7 +64,7 @@ def prepared_example(tmp_path_factory) -> Path:
 
 def tiny_test_config(tmp_path: Path, *overrides: str):
     """The tiny CPU config with storage in tmp_path and short training, plus overrides."""
-    from idengine.config import load_config
+    from idengine.config_io import load_config
 
     return load_config(REPO / "jobs" / "configs" / "tiny-cpu.yaml", [
         f"train.storage_path={tmp_path / 'ray'}", "train.epochs=2", "train.patience=0", "train.num_workers=0",

@@ -37,7 +37,7 @@ def bench_run(tmp_path_factory):
     """kmer-nb on examples/12s-fish-mini with a fold file, no peers."""
     tmp = tmp_path_factory.mktemp("bench")
     # A fold file: the example's computed folds, written as id,fold (what protocol-folds.csv is for 12s-fish).
-    from idengine.config import load_config
+    from idengine.config_io import load_config
     from idengine.recipes.prepare import build_prepared
 
     config = load_config(run_bench.BASE_CONFIG, ["data.test_fraction=0"])

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from conftest import REPO
 
-from idengine.config import load_config
+from idengine.config_io import load_config
 from idengine.recipes.prepare import prepare_dataset
 
 pytestmark = pytest.mark.integration

@@ -2,7 +2,8 @@
 
 import pytest
 
-from idengine.config import Config, load_config, save_config, with_values
+from idengine.config import Config
+from idengine.config_io import load_config, save_config, with_values
 
 CONFIGS = ["jobs/configs/tiny-cpu.yaml", "jobs/configs/nt2.5b-1gpu.yaml", "jobs/configs/nt2.5b-cluster.yaml"]
 

@@ -15,7 +15,8 @@ import pytest
 from Bio.SeqIO.FastaIO import SimpleFastaParser
 
 from idengine import layout as C
-from idengine.config import Config, DataConfig, load_config
+from idengine.config import Config, DataConfig
+from idengine.config_io import load_config
 from idengine.errors import InputError
 from idengine.data.prepared import read_prepared, read_unknown
 from idengine.recipes.prepare import prepare_dataset

@@ -14,7 +14,8 @@ from conftest import tiny_test_config
 from idengine import layout as C
 from idengine.features import embeddings as E
 from idengine.models import probe as P
-from idengine.config import PROBE_HEADS, ModelConfig, with_values
+from idengine.config import PROBE_HEADS, ModelConfig
+from idengine.config_io import with_values
 from idengine.models.inference import embed_rows, pool_hidden
 from idengine.models.transformer import load_backbone
 from idengine.data.prepared import read_prepared

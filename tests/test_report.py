@@ -20,7 +20,8 @@ from idengine.evaluate.oof import fold_result, read_oof
 from idengine.recipes.cv import write_cv
 from idengine.report.markdown import final_markdown
 from idengine import layout as C
-from idengine.config import Config, DataConfig, ModelConfig, TrainConfig, save_config
+from idengine.config import Config, DataConfig, ModelConfig, TrainConfig
+from idengine.config_io import save_config
 from idengine.data.prepared import read_prepared, read_unknown
 from idengine.recipes.prepare import prepare_dataset
 from idengine.evaluate.metrics import classification_metrics, softmax

@@ -11,7 +11,7 @@ import pytest
 
 from idengine import layout as C
 from idengine.evaluate.calls import assign_calls
-from idengine.config import load_config
+from idengine.config_io import load_config
 from idengine.data.labels import LabelSpace
 from idengine.evaluate.calls import calls_summary
 from idengine.recipes.train import final_epochs

@@ -3,7 +3,7 @@
 import pytest
 from ray import tune as ray_tune
 
-from idengine.config import load_config
+from idengine.config_io import load_config
 from idengine.recipes.tune import max_concurrent_trials, search_space, trial_resources
 
 

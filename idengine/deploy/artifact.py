@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from idengine import layout as L
-from idengine.config import Config, load_config
+from idengine.config import Config
+from idengine.config_io import load_config
 from idengine.data.clean import check_sequence
 from idengine.data.labels import LabelSpace
 from idengine.data.tokenize import load_tokenizer, tokenize_batch

@@ -53,7 +53,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from idengine import layout as L
-from idengine.config import TINY_BACKBONE, Config, save_config
+from idengine.config import TINY_BACKBONE, Config
+from idengine.config_io import save_config
 from idengine.data.labels import LabelSpace
 from idengine.deploy.artifact import FORMAT, FORMAT_VERSION, read_manifest
 from idengine.evaluate.calibrate import Calibrator

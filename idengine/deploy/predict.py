@@ -31,7 +31,8 @@ from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
 from idengine import layout as L
-from idengine.config import DataConfig, PredictConfig, load_config
+from idengine.config import DataConfig, PredictConfig
+from idengine.config_io import load_config
 from idengine.data.clean import check_sequence
 from idengine.data.fasta import check_fasta_start, iter_fasta
 from idengine.deploy.artifact import CHUNK_COLUMNS, ERROR_COLUMNS, load_artifact, verify_artifact

@@ -18,7 +18,8 @@ import pyarrow as pa
 import torch
 
 from idengine import layout as C
-from idengine.config import TINY_BACKBONE, Config, config_from_dict, config_to_dict
+from idengine.config import TINY_BACKBONE, Config
+from idengine.config_io import config_from_dict, config_to_dict
 from idengine.features.cache import read_cache, write_cache
 from idengine.features.tokens import cache_key, tokenized_table
 from idengine.models.inference import autocast_dtype_for, embed_rows, length_sorted_batches

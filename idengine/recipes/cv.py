@@ -22,7 +22,8 @@ from pathlib import Path
 import yaml
 
 from idengine import layout as C
-from idengine.config import KMER_KINDS, Config, config_to_dict, save_config
+from idengine.config import KMER_KINDS, Config
+from idengine.config_io import config_to_dict, save_config
 from idengine.data.prepared import read_prepared
 from idengine.data.splits import cv_folds
 from idengine.evaluate.metrics import summarise_folds

@@ -17,7 +17,8 @@ from typing import Any
 import pandas as pd
 
 from idengine import layout as C
-from idengine.config import Config, save_config
+from idengine.config import Config
+from idengine.config_io import save_config
 from idengine.data.clean import clean_barcodes
 from idengine.data.labels import LabelSpace
 from idengine.data.load import load_barcodes

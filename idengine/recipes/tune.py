@@ -22,7 +22,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from idengine import layout as C
-from idengine.config import Config, config_from_dict, config_to_dict, save_config, with_values
+from idengine.config import Config
+from idengine.config_io import config_from_dict, config_to_dict, save_config, with_values
 from idengine.data.prepared import read_prepared
 from idengine.features.embeddings import embed_table
 from idengine.features.tokens import tokenized_table

@@ -37,7 +37,8 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 
 from idengine import layout as C
-from idengine.config import Config, config_from_dict, config_to_dict
+from idengine.config import Config
+from idengine.config_io import config_from_dict, config_to_dict
 from idengine.data.splits import fold_rows, train_eval_sample
 from idengine.data.tokenize import collate, load_tokenizer
 from idengine.models.transformer import build_model

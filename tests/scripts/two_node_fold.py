@@ -13,7 +13,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from idengine.config import load_config  # noqa: E402
+from idengine.config_io import load_config  # noqa: E402
 from idengine.data.prepared import read_prepared  # noqa: E402
 from idengine.features.tokens import tokenized_table  # noqa: E402
 from idengine.evaluate.metrics import score_logits  # noqa: E402
