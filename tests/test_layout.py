@@ -10,7 +10,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "idengine"
 
-LAYERS = ("", "data", "models", "features", "train", "evaluate", "deploy", "report", "recipes", "cli")
+LAYERS = ("", "data", "models", "features", "train", "evaluate", "reference", "deploy", "report", "recipes", "cli")
 """The order data flows in; a module may import from its own layer or an earlier one, never a later one.
 "" is the top-level foundation (config, layout, storage, errors)."""
 
