@@ -66,6 +66,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Refuse input directories and files that are not there before Ray starts (seconds; minutes on a cluster).
+
+    The recipes check them again, and check their content; this only spares a user the wait for a typo.
+    """
+    from idengine import layout as C
+    from idengine.data.fasta import check_fasta_start
+    from idengine.data.prepared import read_prepared
+
+    if getattr(args, "prepared", None):
+        read_prepared(args.prepared)
+    if getattr(args, "cv", None):
+        missing = [f for f in (C.METRICS_FILE, C.OOF_FILE) if not (Path(args.cv) / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"--cv {args.cv}: not a cv directory (no {' or '.join(missing)}); give the "
+                                    "output directory of `idengine cv`")
+    if args.command == "predict":
+        if not Path(args.model).is_dir():
+            raise FileNotFoundError(f"--model {args.model}: no such directory; give the output directory of "
+                                    "`idengine train`")
+        check_fasta_start(args.sequences)
+
+
 def run(args: argparse.Namespace) -> Path:
     """Dispatch one parsed command; returns the main output path."""
     if args.command == "report":
@@ -77,6 +100,7 @@ def run(args: argparse.Namespace) -> Path:
         from idengine.recipes.prepare import prepare_dataset
 
         return prepare_dataset(config, args.out)
+    _check_inputs(args)
     from idengine.recipes.runtime import init_ray
 
     init_ray(args.address)

@@ -85,3 +85,47 @@ def test_model_kind_selects_and_describes_the_classifier():
     assert load_config(None, ["model.backbone=tiny", "model.finetune=full"]).model.describe() == \
         "transformer tiny (full)"
     assert load_config(None, ["model.kind=probe", "model.backbone=tiny"]).model.uses_backbone
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("train:\n  epochs: abc\n", "train.epochs must be a whole number, not 'abc' (str)"),
+    ("train:\n  epochs: [1]\n", "train.epochs must be a whole number, not [1] (list)"),
+    ("data:\n  n_folds: 2.5\n", "data.n_folds must be a whole number, not 2.5 (float)"),
+    ("data:\n  seed: true\n", "data.seed must be a whole number, not True (bool)"),
+    ("model:\n  trust_remote_code: yes please\n", "model.trust_remote_code must be true or false, not 'yes please'"),
+    ("train:\n  lr: .inf\n", "train.lr must be a finite number"),
+    ("model:\n  revision: 1234\n", "model.revision must be text"),
+    ("lora:\n  target_modules: query\n", "lora.target_modules must be a list of names"),
+    ("train: 3\n", "section 'train' must be a mapping"),
+])
+def test_values_of_the_wrong_type_name_the_file_key_value_and_type(tmp_path, yaml_text, message):
+    (tmp_path / "c.yaml").write_text(yaml_text)
+    with pytest.raises(ValueError) as err:
+        load_config(tmp_path / "c.yaml")
+    assert message in str(err.value) and str(tmp_path / "c.yaml") in str(err.value)
+
+
+def test_an_override_fixes_a_file_and_text_settings_keep_the_text_as_typed(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  epochs: [1]\n")
+    assert load_config(tmp_path / "c.yaml", ["train.epochs=3"]).train.epochs == 3
+    with pytest.raises(ValueError) as err:  # a bad override is named without blaming the file
+        load_config(tmp_path / "c.yaml", ["train.epochs=3", "data.n_folds=x"])
+    assert str(err.value) == "data.n_folds must be a whole number, not 'x' (str)"
+    assert load_config(None, ["model.revision=0123", "tune.name=2024"]).model.revision == "0123"
+
+
+def test_unreadable_or_missing_config_files_are_named(tmp_path):
+    (tmp_path / "c.yaml").write_text("data:\n  n_folds: [5\n")
+    with pytest.raises(ValueError, match="not a readable YAML config .* at line 3"):
+        load_config(tmp_path / "c.yaml")
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_trial_values_of_numpy_types_are_accepted():
+    import numpy as np
+
+    trial = with_values(load_config(None), {"train.lr": np.float64(1e-3), "lora.r": np.int64(4),
+                                            "model.trust_remote_code": np.bool_(False)})
+    assert (trial.train.lr, trial.lora.r, trial.model.trust_remote_code) == (1e-3, 4, False)
+    assert type(trial.lora.r) is int

@@ -15,7 +15,7 @@ from idengine.data.clean import clean_barcodes
 from idengine.data.load import load_barcodes
 from idengine.errors import InputError
 from idengine.data.labels import LabelSpace
-from idengine.data.splits import make_folds, read_folds_file, species_missing_from_training
+from idengine.data.splits import make_folds, read_folds_file, species_missing_from_training, stratified_group_folds
 
 DATA = Path(__file__).parent / "data"
 CFG = DataConfig(sequences=str(DATA / "12s_sample.fasta.gz"), labels=str(DATA / "12s_sample_labels.csv"))
@@ -33,7 +33,9 @@ def kept_records(cfg: DataConfig = CFG, clusters: pd.DataFrame | None = None) ->
 @pytest.fixture(scope="module")
 def records() -> pd.DataFrame:
     kept, _ = kept_records()
-    return kept.assign(**{C.FOLD: make_folds(kept, CFG).to_numpy()})
+    folds, decided = make_folds(kept, CFG)
+    assert decided == {"test_splits": 10, "species_kept_out_of_test": [], "n_folds": 5, "warnings": []}
+    return kept.assign(**{C.FOLD: folds.to_numpy()})
 
 
 def test_label_space_round_trip_and_ranks(tmp_path):
@@ -86,15 +88,15 @@ def test_folds_are_stratified(records):
 
 def test_same_seed_same_folds_other_seed_other_folds(records):
     kept = records.drop(columns=C.FOLD)
-    again = make_folds(kept, CFG).to_numpy()
+    again = make_folds(kept, CFG)[0].to_numpy()
     assert (again == records[C.FOLD].to_numpy()).all()
-    other = make_folds(kept, dataclasses.replace(CFG, seed=1)).to_numpy()
+    other = make_folds(kept, dataclasses.replace(CFG, seed=1))[0].to_numpy()
     assert (other != records[C.FOLD].to_numpy()).mean() > 0.5
 
 
 def test_no_test_split_when_fraction_is_zero(records):
-    folds = make_folds(records.drop(columns=C.FOLD), dataclasses.replace(CFG, test_fraction=0.0, n_folds=3))
-    assert set(folds) == {"0", "1", "2"}
+    folds, decided = make_folds(records.drop(columns=C.FOLD), dataclasses.replace(CFG, test_fraction=0.0, n_folds=3))
+    assert set(folds) == {"0", "1", "2"} and decided["test_splits"] == 0
 
 
 def test_clusters_never_cross_folds():
@@ -103,15 +105,50 @@ def test_clusters_never_cross_folds():
     clusters = pd.DataFrame({C.ID: loaded[C.ID], C.CLUSTER: [f"c{i // 2}" for i in range(len(loaded))]})
     kept, _ = kept_records(clusters=clusters)
     assert kept[C.GROUP].nunique() < kept[C.SEQUENCE].nunique()
-    kept[C.FOLD] = make_folds(kept, CFG).to_numpy()
+    kept[C.FOLD] = make_folds(kept, CFG)[0].to_numpy()
     assert (kept.groupby(C.CLUSTER)[C.FOLD].nunique() == 1).all()
     assert (kept.groupby(C.SEQUENCE)[C.FOLD].nunique() == 1).all()
 
 
-def test_too_few_groups_is_an_input_error(records):
-    few = records[records[C.SPECIES].isin(records[C.SPECIES].unique()[:1])].drop(columns=C.FOLD)
-    with pytest.raises(InputError, match="groups"):
-        make_folds(few, dataclasses.replace(CFG, n_folds=10, test_fraction=0.0))
+def test_fewer_folds_when_no_species_fills_them(records):
+    one = records[records[C.SPECIES] == records[C.SPECIES].iloc[0]].drop(columns=C.FOLD)
+    most = one[C.GROUP].nunique()
+    folds, decided = make_folds(one, dataclasses.replace(CFG, n_folds=10, test_fraction=0.0))
+    assert set(folds) == {str(k) for k in range(most)} and decided["n_folds"] == most < 10
+    (warning,) = decided["warnings"]
+    assert "data.n_folds=10" in warning and f"data.n_folds={most}" in warning
+
+
+def test_single_sequence_species_are_an_input_error(records):
+    singles = records.drop_duplicates(C.SPECIES).drop(columns=C.FOLD)
+    with pytest.raises(InputError, match="data.min_seqs_per_species=2"):
+        make_folds(singles, dataclasses.replace(CFG, min_seqs_per_species=1))
+
+
+@pytest.mark.filterwarnings("ignore:The least populated class")
+@pytest.mark.parametrize("n_splits, seed", [(10, 0), (5, 0), (5, 3), (3, 1), (2, 7)])
+def test_same_splits_as_scikit_learn_where_it_accepts_the_data(records, n_splits, seed):
+    """`stratified_group_folds` is StratifiedGroupKFold(shuffle=True)'s assignment, without its refusals."""
+    pytest.importorskip("sklearn", minversion="1.9")  # older ones shuffle the groups inconsistently (#32540)
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    y, groups = records[C.LABEL].to_numpy(), records[C.GROUP].to_numpy()
+    expected = np.full(len(y), -1)
+    splitter = StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed)
+    for k, (_, test) in enumerate(splitter.split(np.zeros(len(y)), y, groups)):
+        expected[test] = k
+    assert (stratified_group_folds(y, groups, n_splits, seed) == expected).all()
+
+
+def test_splits_of_classes_smaller_than_the_splits(records):
+    """Where scikit-learn refuses (every class below n_splits), each class still spreads over as many splits as
+    it has groups, and each split takes at most one group of a class."""
+    small = records.groupby(C.SPECIES).head(4)
+    split = stratified_group_folds(small[C.LABEL].to_numpy(), small[C.GROUP].to_numpy(), 10, 0)
+    table = small.assign(split=split)
+    assert (table.groupby(C.GROUP)["split"].nunique() == 1).all()
+    per_class = table.groupby(C.SPECIES).agg(groups=(C.GROUP, "nunique"), splits=("split", "nunique"))
+    assert (per_class["groups"] == per_class["splits"]).all()
 
 
 def test_user_fold_file_is_used(records, tmp_path):

@@ -117,8 +117,11 @@ def check_fasta_start(path: str | Path) -> None:
         if b"\x00" in first or not _is_text(first):
             raise InputError(f"{path}: binary data at line {number}, not a FASTA file; expected FASTA text "
                              "(plain or gzip)")
-        raise InputError(f"{path}: line {number} has text before the first '>' header ({first[:40]!r}); every "
-                         "FASTA record must start with a '>id' line (is this a CSV given as the sequences?)")
+        text = first[:40].decode("utf-8", errors="replace")
+        hint = "is this a CSV given as the sequences?" if "," in text or "\t" in text else \
+            "a sequence line without its header?"
+        raise InputError(f"{path}: line {number} has text before the first '>' header ({text!r}); every "
+                         f"FASTA record must start with a '>id' line ({hint})")
 
 
 def _first_line(stream, max_bytes: int = 1 << 16) -> tuple[bytes, int]:

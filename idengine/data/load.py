@@ -16,6 +16,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from idengine import layout as C
@@ -110,7 +111,13 @@ def read_table(path: str | Path, required: tuple[str, ...], role: str) -> tuple[
     if not raw.strip():
         raise InputError(f"{path}: the {role} file is empty; expected a header line with {', '.join(required)}")
     text, counts = decode_text(raw, path)
-    header = text.split("\n", 1)[0]
+    header = text.lstrip().split("\n", 1)[0]
+    if header.startswith(">"):
+        setting = "data.folds_file" if role == "folds" else f"data.{role}"
+        raise InputError(
+            f"{path}: starts with a FASTA header ({header[:40]!r}): a FASTA file given as the {role} file "
+            f"({setting}); expected a CSV with a header line such as '{','.join(required)}'"
+        )
     sep = "\t" if str(path).endswith((".tsv", ".tsv.gz")) or ("\t" in header and "," not in header) else ","
     try:
         table = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, skip_blank_lines=True)
@@ -161,7 +168,7 @@ def read_vectors(path: str | Path) -> pd.DataFrame:
     """Read vectors.csv: `id` plus numeric columns, renamed `vec_<name>` (float64).
 
     Raises:
-        InputError: no id column, no numeric column, or a cell that is not a number (naming column and id).
+        InputError: no id column, no numeric column, or a cell that is not a finite number (naming column and id).
     """
     table, _ = read_table(path, (C.ID,), "vectors")
     names = [c for c in table.columns if c != C.ID]
@@ -170,12 +177,12 @@ def read_vectors(path: str | Path) -> pd.DataFrame:
     out = pd.DataFrame({C.ID: table[C.ID]})
     for name in names:
         values = pd.to_numeric(table[name], errors="coerce")
-        bad = values.isna()
+        bad = ~np.isfinite(values.to_numpy(dtype="float64"))
         if bad.any():
-            first = bad.to_numpy().nonzero()[0][0]
+            first = bad.nonzero()[0][0]
             raise InputError(
-                f"{path}: column {name!r} has a value that is not a number ({table[name].iloc[first]!r}) for id "
-                f"{table[C.ID].iloc[first]!r} ({int(bad.sum())} such cells); fill or remove them"
+                f"{path}: column {name!r} has a value that is not a finite number ({table[name].iloc[first]!r}) "
+                f"for id {table[C.ID].iloc[first]!r} ({int(bad.sum())} such cells); fill or remove them"
             )
         out[f"{C.VECTOR_PREFIX}{name}"] = values.astype("float64")
     return out

@@ -25,7 +25,8 @@ STEPS = (
     "label conflicts: identical sequences under several species (policy keep/drop/majority)",
     "group: identical sequences, unioned with clusters",
     "species filter: species with fewer distinct groups than min_seqs_per_species set aside (unknown.parquet)",
-    "split: held-out test split + K stratified grouped folds (or the user's fold file)",
+    "split: held-out test split + K stratified grouped folds (or the user's fold file); a species too small for a "
+    "test share stays in training, and K shrinks when no species has K distinct sequences (see warnings)",
 )
 
 
@@ -83,7 +84,8 @@ def build_report(
         loaded: the joined table before cleaning (for the "before" species and size buckets).
         records: the kept records with folds.
         unknown: the set-aside rare-species records.
-        extra: entries added as they are (folds, fold_source, species_missing_from_training, settings ...).
+        extra: entries added as they are (folds, fold_source, split, warnings, species_missing_from_training,
+            settings ...).
 
     Returns:
         The report dict (JSON-serialisable).

@@ -34,25 +34,58 @@ logger = logging.getLogger(__name__)
 
 
 def _assign_folds(records: pd.DataFrame, config: Config) -> tuple[pd.Series, dict[str, Any]]:
-    """The fold column, computed or read from data.folds_file, with what the report says about its source."""
+    """The fold column, computed or read from data.folds_file, with what the report says about how it was made."""
     cfg = config.data
     if cfg.folds_file:
         folds, ignored = read_folds_file(cfg.folds_file, records, cfg.n_folds)
-        return folds, {"fold_source": f"file {cfg.folds_file}", "folds_file_rows_not_kept": ignored}
-    folds = make_folds(records, cfg)
-    test = f"test = 1 of round(1/{cfg.test_fraction}) splits, " if cfg.test_fraction > 0 else "no test split, "
-    return folds, {"fold_source": f"computed: StratifiedGroupKFold, {test}{cfg.n_folds} folds, seed {cfg.seed}"}
+        return folds, {"fold_source": f"file {cfg.folds_file}", "folds_file_rows_not_kept": ignored,
+                       "split": {"n_folds_requested": cfg.n_folds, "n_folds": cfg.n_folds}, "warnings": []}
+    folds, decided = make_folds(records, cfg)
+    n_test = decided["test_splits"]
+    test = f"test = split 1 of {n_test} (data.test_fraction={cfg.test_fraction}), " if n_test else "no test split, "
+    source = f"computed: stratified grouped splits, {test}{decided['n_folds']} folds, seed {cfg.seed}"
+    split = {
+        "test_fraction": cfg.test_fraction,
+        "test_splits": n_test,
+        "species_kept_out_of_test": decided["species_kept_out_of_test"],
+        "n_folds_requested": cfg.n_folds,
+        "n_folds": decided["n_folds"],
+    }
+    return folds, {"fold_source": source, "split": split, "warnings": decided["warnings"]}
+
+
+def _split_counts(records: pd.DataFrame) -> dict[str, Any]:
+    """Records per fold, and species with records in the test split / in every validation fold."""
+    sizes = records[C.FOLD].value_counts()
+    order = sorted((f for f in sizes.index if f != C.TEST_FOLD), key=int) + [C.TEST_FOLD]
+    cv = records[records[C.FOLD] != C.TEST_FOLD]
+    n_cv_folds = cv[C.FOLD].nunique()
+    return {
+        "folds": {f: int(sizes.get(f, 0)) for f in order},
+        "species_in_test": int(records.loc[records[C.FOLD] == C.TEST_FOLD, C.SPECIES].nunique()),
+        "species_in_every_fold": int((cv.groupby(C.SPECIES)[C.FOLD].nunique() == n_cv_folds).sum()),
+        "species_missing_from_training": species_missing_from_training(records),
+    }
 
 
 def _check_species(records: pd.DataFrame, config: Config, counts: dict[str, Any]) -> None:
+    """InputError when fewer than 2 species are left, naming the data.min_seqs_per_species that keeps 2."""
     n_species = records[C.SPECIES].nunique()
-    if n_species < 2:
-        raise InputError(
-            f"{config.data.labels}: only {n_species} species left after cleaning and the species filter "
-            f"({counts['species_after_cleaning']} after cleaning; data.min_seqs_per_species="
-            f"{config.data.min_seqs_per_species} distinct sequences); a classifier needs at least 2. "
-            "Add data or lower data.min_seqs_per_species"
-        )
+    if n_species >= 2:
+        return
+    cfg = config.data
+    distinct = counts["distinct_per_species"].sort_values(ascending=False)
+    if len(distinct) >= 2:
+        value = int(distinct.iloc[1])
+        fix = (f"Set data.min_seqs_per_species={value} (keeps {int((distinct >= value).sum())} species) or add "
+               "data")
+    else:
+        fix = "Add records of other species"
+    raise InputError(
+        f"{cfg.labels}: only {n_species} species left after cleaning and the species filter "
+        f"({counts['species_after_cleaning']} after cleaning; data.min_seqs_per_species="
+        f"{cfg.min_seqs_per_species} distinct sequences); a classifier needs at least 2. {fix}"
+    )
 
 
 def build_prepared(config: Config) -> dict[str, Any]:
@@ -63,9 +96,10 @@ def build_prepared(config: Config) -> dict[str, Any]:
 
     Returns:
         {"records", "unknown", "dropped" (DataFrames), "labels" (LabelSpace), "report" (dict), "loaded" (DataFrame)}.
+        The report's "split" and "warnings" say how the splits adapted to the data (see `data.splits.make_folds`).
 
     Raises:
-        InputError: rejected input, or fewer than 2 species left.
+        InputError: rejected input, fewer than 2 species left, or no species that cross-validation can train on.
     """
     start = time.perf_counter()
     cfg = config.data
@@ -78,12 +112,9 @@ def build_prepared(config: Config) -> dict[str, Any]:
     folds, fold_info = _assign_folds(kept, config)
     kept[C.FOLD] = folds.to_numpy()
     check_groups_within_folds(kept, source="computed folds")
-    fold_sizes = kept[C.FOLD].value_counts()
-    order = sorted((f for f in fold_sizes.index if f != C.TEST_FOLD), key=int) + [C.TEST_FOLD]
     extra = {
         **fold_info,
-        "folds": {f: int(fold_sizes.get(f, 0)) for f in order},
-        "species_missing_from_training": species_missing_from_training(kept),
+        **_split_counts(kept),
         "settings": {k: v for k, v in vars(cfg).items()},
         "elapsed_s": 0.0,
     }
