@@ -360,8 +360,6 @@ PROTEINS = {  # real protein sequences (UniProt P69905 HBA_HUMAN, P68871 HBB_HUM
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(reason="needs the lead's predict rewrite: a query file with no nucleotide record at all should "
-                          "be an InputError (exit 2) naming the file, not an empty calls.csv", strict=True)
 def test_predict_refuses_a_query_of_protein_sequences(ray_session, artifact, tmp_path, caplog):
     query = _write(tmp_path / "proteins.fasta", "".join(f">{k} protein\n{v}\n" for k, v in PROTEINS.items()))
     out = tmp_path / "out" / "calls.csv"

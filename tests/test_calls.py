@@ -28,7 +28,7 @@ def test_rank_fallback_hand_example():
     calls = assign_calls(probs, SPECIES, TAXA, threshold=0.8)
     assert calls["call"].tolist() == ["A a", "A", "F", "unassigned", "G"]
     assert calls["call_rank"].tolist() == ["species", "genus", "family", "unassigned", "family"]
-    np.testing.assert_allclose(calls["confidence"], [0.85, 0.90, 0.85, 0.30, 1.0])
+    np.testing.assert_allclose(calls["call_prob"], [0.85, 0.90, 0.85, 0.30, 1.0])
     only_genus = assign_calls(probs, SPECIES, TAXA, threshold=0.8, ranks=["genus"])
     assert only_genus["call_rank"].tolist() == ["species", "genus", "unassigned", "unassigned", "unassigned"]
 

@@ -12,7 +12,7 @@ from idengine.evaluate.oof import read_oof
 from idengine.recipes.cv import run_cv
 from idengine.evaluate.metrics import classification_metrics, softmax
 
-CV_FILES = {"metrics.json", "oof.parquet", "config.yaml", "summary.md", "folds"}
+CV_FILES = {"metrics.json", "oof.parquet", "config.yaml", "summary.md", "folds", "engine"}
 
 
 def _check_cv_dir(out, prepared, n_epochs_max):

@@ -15,7 +15,9 @@ from idengine.evaluate.calibrate import Calibrator
 from idengine.config import Config, ModelConfig
 from idengine.data.fasta import read_fasta
 from idengine.data.labels import LabelSpace
-from idengine.deploy.artifact import clean_for_model, load_artifact, model_logits, verify_artifact
+from idengine.deploy.artifact import clean_for_model, load_artifact, verify_artifact
+from idengine.models.inference import sequence_logits as model_logits
+from idengine.deploy.classifiers import TransformerClassifier
 from idengine.deploy.export import export_artifact
 from idengine.layout import PICKLE_SUFFIXES
 from idengine.storage import file_sha256
@@ -72,7 +74,8 @@ def make_artifact(out_dir: Path, finetune: str = "lora", merge: bool = False, th
     tokenizer = load_tokenizer("tiny")
     calibrator = Calibrator("temperature", 1.7)
     metrics = {"test": {"top1_acc": 0.5, "log_loss": float("nan")}}
-    directory = export_artifact(out_dir, model, tokenizer, labels, config, calibrator, threshold, metrics, merge=merge)
+    classifier = TransformerClassifier(model, tokenizer, config.model.max_tokens)
+    directory = export_artifact(out_dir, classifier, labels, config, calibrator, threshold, metrics, merge=merge)
     return directory, model, tokenizer, calibrator
 
 
@@ -184,7 +187,8 @@ def test_export_replaces_an_old_artifact_only_when_complete(tmp_path):
     labels = real_label_space()
     config = tiny_config()
     with pytest.raises(ValueError, match="pickle"):
-        export_artifact(directory, trained_like_model(config, labels, seed=2), load_tokenizer_tiny(), labels, config,
+        export_artifact(directory, TransformerClassifier(trained_like_model(config, labels, seed=2), load_tokenizer_tiny(),
+                                                         MAX_TOKENS), labels, config,
                         Calibrator("none"), 0.9, {}, extra_files={"notes.pkl": directory / "README.md"})
     assert verify_artifact(directory)["files"] == before  # the old artifact is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp dir left behind

@@ -58,4 +58,4 @@ def test_main_job_calls_every_input_record_once_in_file_order(main_job):
     assert len(calls) + len(errors) == len(fasta) == 415
     assert calls["id"].tolist() == [i for i in fasta[C.ID] if i not in set(errors["id"])]
     assert calls["record"].tolist() == sorted(calls["record"])
-    assert {"call", "call_rank", "confidence", "top1_species", "top1_prob"} <= set(calls.columns)
+    assert {"call", "call_rank", "call_prob", "top1_species", "top1_prob"} <= set(calls.columns)

@@ -84,7 +84,7 @@ def check_calls(calls: pd.DataFrame, probs: np.ndarray, threshold: float, top_k:
     species_call = calls["call_rank"] == "species"
     assert (calls.loc[species_call, "call"] == calls.loc[species_call, "top1_species"]).all()
     assert ((calls["top1_prob"] >= threshold) == species_call).all()
-    assert (calls.loc[~species_call & (calls["call_rank"] != "unassigned"), "confidence"] >= threshold).all()
+    assert (calls.loc[~species_call & (calls["call_rank"] != "unassigned"), "call_prob"] >= threshold).all()
 
 
 def test_predict_in_process_writes_every_good_record_and_reports_every_bad_one(tmp_path, artifact_dir):
@@ -95,7 +95,7 @@ def test_predict_in_process_writes_every_good_record_and_reports_every_bad_one(t
     errors = pd.read_csv(tmp_path / f"calls.csv{ERRORS_SUFFIX}", keep_default_na=False, na_values=[])
     assert calls["id"].tolist() == good_ids
     assert dict(zip(errors["id"], errors["reason"])) == bad and (errors["detail"] != "").all()
-    assert list(calls.columns) == ["id", "record", "length_bp", "call", "call_rank", "confidence", "top1_species",
+    assert list(calls.columns) == ["id", "record", "length_bp", "call", "call_rank", "call_prob", "top1_species",
                                    "top1_prob", "top2_species", "top2_prob", "top3_species", "top3_prob"]
     artifact = load_artifact(artifact_dir)
     probs = artifact.probabilities(real_records()["sequence"].tolist())

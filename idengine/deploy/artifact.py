@@ -1,12 +1,13 @@
-"""Step 11a, artifact: an exported model directory, loaded and checked: what `idengine predict` and the Python API run.
+"""Step 11b, artifact: an exported model directory, loaded and checked: what `idengine predict` and the Python API run.
 
-Only JSON, YAML and safetensors are read; every file is checked against the sha256 the manifest (idengine.json)
-lists, and a directory holding a pickle-capable file is refused. The layout is described in deploy/export.py.
+Only JSON, YAML, parquet and safetensors are read; every file is checked against the sha256 the manifest
+(idengine.json) lists, and a directory holding a pickle-capable file is refused, naming it. The layout is described
+in deploy/export.py. The call comes from the engine (reference/engine.py) when the artifact has one, else from the
+classifier's calibrated probabilities alone.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -16,25 +17,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file
-from torch import nn
 
 from idengine import layout as L
 from idengine.config import Config
 from idengine.config_io import load_config
 from idengine.data.clean import check_sequence
 from idengine.data.labels import LabelSpace
-from idengine.data.tokenize import load_tokenizer, tokenize_batch
+from idengine.deploy.classifiers import load_classifier
 from idengine.evaluate.calibrate import Calibrator
 from idengine.evaluate.calls import calls_for
-from idengine.models.inference import classifier_logits
-from idengine.models.transformer import build_model, load_trainable_state
+from idengine.reference.engine import Engine, load_engine
 from idengine.storage import file_sha256
 
 log = logging.getLogger(__name__)
 
 FORMAT = "idengine-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+ENGINE_DIR = "engine"
 CHUNK_COLUMNS = ["id", "record", "sequence", "length_bp", "reason", "detail"]
 """A block of query records: 1-based position in the file, the cleaned sequence, and why it is unusable (or "")."""
 ERROR_COLUMNS = ["id", "record", "reason", "detail"]
@@ -42,42 +41,53 @@ ERROR_COLUMNS = ["id", "record", "reason", "detail"]
 
 @dataclass
 class Artifact:
-    """An exported model, loaded: ready to turn sequences into calibrated species probabilities."""
+    """An exported model, loaded: ready to turn sequences into calls and calibrated probabilities."""
 
-    model: nn.Module
-    """The classifier in eval mode (peft model, or EsmForSequenceClassification for full/head exports)."""
-    tokenizer: Any
+    classifier: Any
+    """The classifier of `config.model.kind` (deploy/classifiers.py): `logits(cleaned sequences) -> (n, C)`."""
     label_space: LabelSpace
     calibrator: Calibrator
     threshold: float
-    """Species threshold: a species is called when its calibrated probability is >= this."""
+    """The classifier's species threshold (the call without the engine)."""
     config: Config
     manifest: dict[str, Any]
+    engine: Engine | None = None
     device: str = "cpu"
 
+    @property
+    def model(self):
+        """The transformer classifier's torch module (peft model or EsmForSequenceClassification)."""
+        return self.classifier.model
+
     def logits(self, sequences: list[str], batch_size: int = 64) -> np.ndarray:
-        """Raw (n, C) float32 logits of sequences, cleaned as in training (ValueError for an unusable one)."""
+        """The classifier's raw (n, C) float32 logits, sequences cleaned as in training (ValueError if unusable)."""
         cleaned = clean_for_model(sequences, self.config)
-        return model_logits(self.model, self.tokenizer, cleaned, self.config.model.max_tokens, batch_size,
-                            self.device)
+        if not cleaned:
+            return np.zeros((0, self.label_space.num_classes), dtype=np.float32)
+        return self.classifier.logits(cleaned, batch_size)
 
     def probabilities(self, sequences: list[str], batch_size: int = 64) -> np.ndarray:
-        """Calibrated (n, C) float64 probabilities in label order; ValueError for an empty or non-DNA sequence."""
+        """The classifier's calibrated (n, C) probabilities in label order."""
         return self.calibrator.apply(self.logits(sequences, batch_size))
 
     def calls(self, ids: list[str], sequences: list[str], top_k: int = 5, batch_size: int = 64) -> pd.DataFrame:
-        """One call per valid sequence (species, a higher rank or unassigned) and the top-k calibrated species.
+        """One call per valid sequence (the engine's when there is one) with its probabilities.
 
         Returns:
-            DataFrame: id, call, call_rank, confidence, top1_species, top1_prob, ... in input order.
+            DataFrame: id, call, call_rank, call_prob, then (engine) p_novel_species, p_novel_genus, nearest_id,
+            nearest_identity, nearest_coverage, and top1_species, top1_prob, ... in input order.
         """
         probs = self.probabilities(list(sequences), batch_size=batch_size)
+        if self.engine is not None:
+            calls = self.engine.call(clean_for_model(sequences, self.config), probs,
+                                     np.asarray(self.label_space.species, dtype=object), top_k)
+            return pd.concat([pd.DataFrame({"id": list(ids)}), calls], axis=1)
         calls = calls_for(probs, self.label_space, self.threshold, self.config.calibrate.rank_fallback)
         k = min(top_k, probs.shape[1])
         top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         species = np.asarray(self.label_space.species, dtype=object)
         out = {"id": list(ids), "call": calls["call"].to_numpy(), "call_rank": calls["call_rank"].to_numpy(),
-               "confidence": calls["confidence"].to_numpy()}
+               "call_prob": calls["call_prob"].to_numpy()}
         for j in range(k):
             out[f"top{j + 1}_species"] = species[top[:, j]]
             out[f"top{j + 1}_prob"] = probs[np.arange(len(out["id"])), top[:, j]]
@@ -90,13 +100,6 @@ class Artifact:
         scored.index = chunk.index[good]
         # Even with no good row, `scored` has every column, so each block has the same schema.
         return chunk.drop(columns=["sequence"]).join(scored.drop(columns=["id"]))
-
-
-def model_logits(model: nn.Module, tokenizer, sequences: list[str], max_tokens: int, batch_size: int = 64,
-                 device: str = "cpu") -> np.ndarray:
-    """(n, C) float32 logits of cleaned sequences: tokenize, then `models.inference.run_rows` (length-sorted)."""
-    tokens = tokenize_batch({L.SEQUENCE: np.array(list(sequences), dtype=object)}, tokenizer, max_tokens)
-    return classifier_logits(model, list(tokens[L.INPUT_IDS]), batch_size, device=torch.device(device))
 
 
 def clean_for_model(sequences: list[str], config: Config) -> list[str]:
@@ -120,14 +123,14 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir}: no {L.MANIFEST}; pass the directory written by `idengine train`")
     manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT or manifest.get("format_version", 0) > FORMAT_VERSION:
+    if manifest.get("format") != FORMAT or manifest.get("format_version", 0) != FORMAT_VERSION:
         raise ValueError(f"{path}: format {manifest.get('format')!r} v{manifest.get('format_version')} is not "
-                         f"{FORMAT} v<={FORMAT_VERSION}; upgrade idengine")
+                         f"{FORMAT} v{FORMAT_VERSION}; export the model again with this idengine")
     return manifest
 
 
 def verify_artifact(model_dir: str | Path) -> dict[str, Any]:
-    """The manifest, once every file matches its sha256 and none is pickle-capable (else ValueError)."""
+    """The manifest, once every file matches its sha256 and none is pickle-capable (else ValueError naming them)."""
     directory = Path(model_dir)
     manifest = read_manifest(directory)
     present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()} - {L.MANIFEST}
@@ -140,47 +143,25 @@ def verify_artifact(model_dir: str | Path) -> dict[str, Any]:
                          f"unlisted {sorted(present - listed)}; export the model again")
     altered = [name for name in sorted(listed) if file_sha256(directory / name) != manifest["files"][name]]
     if altered:
-        raise ValueError(f"{directory}: sha256 mismatch for {altered}: the files were altered or truncated")
+        raise ValueError(f"{directory}: sha256 mismatch for {altered}: the files were altered or truncated; "
+                         "refusing to load it (export the model again, or copy it whole)")
     return manifest
-
-
-def _load_model(directory: Path, config: Config, manifest: dict[str, Any], labels: LabelSpace,
-                base_model: str | None) -> nn.Module:
-    """Rebuild the classifier: base + adapter (lora), the whole saved model (full), or base + head (head)."""
-    from transformers import EsmForSequenceClassification
-
-    mode = manifest["finetune"]
-    if mode == "full":
-        return EsmForSequenceClassification.from_pretrained(str(directory), use_safetensors=True)
-    record = manifest["base_model"]  # an override, the bundled base/, or the recorded hub id + revision
-    source, revision = (base_model, None) if base_model else \
-        (str(directory / L.BASE_DIR), None) if record.get("bundled") else (record["id"], record.get("revision"))
-    # The head drawn here is overwritten below; build_model applies the backbone's pickle policy.
-    base_cfg = dataclasses.replace(config.model, backbone=source, revision=revision, finetune="head",
-                                   gradient_checkpointing=False)
-    model = build_model(base_cfg, config.lora, labels.num_classes, dict(enumerate(labels.species)))
-    if mode == "head":
-        load_trainable_state(model, load_file(str(directory / L.HEAD_FILE)))
-        return model
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(model, str(directory), is_trainable=False)
 
 
 def load_artifact(model_dir: str | Path, device: str | None = None, base_model: str | None = None,
                   verify: bool = True) -> Artifact:
-    """Load an exported model (only JSON, YAML and safetensors are read: no pickle).
+    """Load an exported model (only JSON, YAML, parquet and safetensors are read: no pickle).
 
     Args:
-        model_dir: directory written by export_artifact / `idengine train`.
+        model_dir: directory written by `idengine train`.
         device: torch device; default `cuda` when available, else `cpu`.
         base_model: local directory or hub id to use as the base instead of the recorded one (e.g. an offline
             mirror of the hub checkpoint at the recorded revision).
         verify: check every file's sha256 against the manifest first.
 
     Returns:
-        The Artifact, its model in eval mode on `device`. Raises FileNotFoundError for a directory that is not
-        an artifact, ValueError for altered or inconsistent files.
+        The Artifact. Raises FileNotFoundError for a directory that is not an artifact, ValueError for altered or
+        inconsistent files.
     """
     directory = Path(model_dir)
     manifest = verify_artifact(directory) if verify else read_manifest(directory)
@@ -191,8 +172,9 @@ def load_artifact(model_dir: str | Path, device: str | None = None, base_model: 
         raise ValueError(f"{directory}: manifest says {manifest['num_labels']} labels, label_map.json "
                          f"{label_space.num_classes}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = _load_model(directory, config, manifest, label_space, base_model).to(device).eval()
-    log.info("loaded %s (%s, %d species) on %s", directory, manifest["finetune"], label_space.num_classes, device)
-    return Artifact(model, load_tokenizer(str(directory)), label_space,
-                    Calibrator.from_dict(calibration["calibrator"]), float(calibration["threshold"]), config,
-                    manifest, device)
+    classifier = load_classifier(directory, config, manifest, label_space, device, base_model)
+    engine = load_engine(directory / ENGINE_DIR) if (directory / ENGINE_DIR).is_dir() else None
+    log.info("loaded %s (%s, %d species%s) on %s", directory, config.model.describe(), label_space.num_classes,
+             f", engine over {engine.index.n_ref} references" if engine else "", device)
+    return Artifact(classifier, label_space, Calibrator.from_dict(calibration["calibrator"]),
+                    float(calibration["threshold"]), config, manifest, engine, device)

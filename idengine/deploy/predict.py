@@ -36,6 +36,7 @@ from idengine.config_io import load_config
 from idengine.data.clean import check_sequence
 from idengine.data.fasta import check_fasta_start, iter_fasta
 from idengine.deploy.artifact import CHUNK_COLUMNS, ERROR_COLUMNS, load_artifact, verify_artifact
+from idengine.errors import InputError
 from idengine.storage import publish_file
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ class _Writer:
         self.out, self.errors, tag = out, out.with_name(out.name + L.ERRORS_SUFFIX), uuid.uuid4().hex[:8]
         self.tmp_out, self.tmp_errors = (out.with_name(f".{p.name}.{tag}.tmp") for p in (out, self.errors))
         self.parquet, self.n_calls, self.n_errors = out.suffix == ".parquet", 0, 0
+        self.first_errors: list[tuple[str, str]] = []  # (id, reason) of the first bad records, for a message
         self.writer: pq.ParquetWriter | None = None
         self.columns: list[str] | None = None
         pd.DataFrame(columns=ERROR_COLUMNS).to_csv(self.tmp_errors, index=False)
@@ -117,6 +119,7 @@ class _Writer:
         calls = block.loc[~bad].drop(columns=["reason", "detail"])
         self.columns = self.columns or list(calls.columns)
         self.n_errors += len(errors)
+        self.first_errors += list(zip(errors["id"], errors["reason"]))[:5 - len(self.first_errors)]
         if calls.empty:  # nothing to append; an all-bad block would also give the parquet schema null types
             return
         calls = calls[self.columns]
@@ -193,26 +196,6 @@ def call_blocks(ds: ray.data.Dataset, model_dir: Path, cfg: PredictConfig) -> It
     yield from calls.iter_batches(batch_format="pandas", batch_size=None)
 
 
-def predict_table(model_dir: str | Path, ids: list[str], sequences: list[str], cfg: PredictConfig,
-                  use_ray: bool = True) -> pd.DataFrame:
-    """Calls of in-memory records (already-clean sequences), on the Ray Data actor pool or in this process.
-
-    `idengine train` scores the test split and the set-aside rare species with the exported artifact this way:
-    the same path, actors and columns as `predict_file`.
-    """
-    model_dir = Path(model_dir)
-    data_cfg = load_config(model_dir / L.CONFIG_FILE).data
-    rows = []
-    for number, (rid, raw) in enumerate(zip(ids, sequences), start=1):
-        seq, reason, detail = check_sequence(raw, data_cfg)
-        rows.append((rid, number, "" if reason else seq, 0 if reason else len(seq), reason, detail))
-    chunk = pd.DataFrame(rows, columns=CHUNK_COLUMNS)
-    if not use_ray or chunk.empty:
-        return load_artifact(model_dir, verify=False).call_chunk(chunk, cfg.top_k, cfg.batch_size)
-    blocks = list(call_blocks(ray.data.from_pandas(chunk), model_dir, cfg))
-    return pd.concat(blocks, ignore_index=True)
-
-
 def _ray_blocks(model_dir: Path, sequences: Path, data_cfg: DataConfig, cfg: PredictConfig) -> Iterator[pd.DataFrame]:
     yield from call_blocks(ray.data.read_datasource(FastaDatasource(sequences, data_cfg)), model_dir, cfg)
 
@@ -221,6 +204,18 @@ def _local_blocks(model_dir: Path, sequences: Path, data_cfg: DataConfig, cfg: P
     artifact = load_artifact(model_dir, verify=False)
     for chunk in iter_chunks(sequences, data_cfg):
         yield artifact.call_chunk(chunk, cfg.top_k, cfg.batch_size)
+
+
+def _refuse_if_nothing_usable(writer: _Writer, sequences: Path) -> None:
+    """A file none of whose records is a usable nucleotide sequence is not a query file: say so, write nothing."""
+    if writer.n_calls or not writer.n_errors:
+        return
+    reasons = pd.Series([r for _, r in writer.first_errors]).value_counts()
+    shown = ", ".join(repr(i) for i, _ in writer.first_errors)
+    hint = "; is this a protein FASTA?" if "invalid_characters" in reasons.index else ""
+    raise InputError(f"{sequences}: none of the {writer.n_errors} records is a usable nucleotide sequence "
+                     f"({', '.join(f'{n} {r}' for r, n in reasons.items())} among the first: {shown}){hint} "
+                     "Nothing was written; pass a FASTA of DNA/RNA barcodes")
 
 
 def predict_file(model_dir: str | Path, sequences_path: str | Path, out_path: str | Path,
@@ -249,6 +244,7 @@ def predict_file(model_dir: str | Path, sequences_path: str | Path, out_path: st
         blocks = _ray_blocks if use_ray else _local_blocks
         for block in blocks(model_dir, sequences, data_cfg, predict_cfg):
             writer.write(block)
+        _refuse_if_nothing_usable(writer, sequences)
         writer.close()
     except BaseException:
         writer.abort()

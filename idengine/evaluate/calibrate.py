@@ -216,29 +216,43 @@ class ThresholdChoice:
 def choose_threshold(probs: np.ndarray, y_true: np.ndarray, target_precision: float) -> ThresholdChoice:
     """The LOWEST confidence t whose species calls {max prob >= t} have precision >= target_precision.
 
-    Precision is computed at every distinct confidence (ties enter together), because it is not monotone in t:
-    picking the first t from the top where it dips below the target would call too little. Choose it on
-    out-of-fold calibrated probabilities; on new data the precision holds only as far as they resemble them.
+    Choose it on out-of-fold calibrated probabilities; on new data the precision holds only as far as they
+    resemble them (`choose_threshold_for` does the work).
 
     Raises:
         ValueError: target outside (0, 1] or bad shapes.
     """
-    if not 0.0 < target_precision <= 1.0:
-        raise ValueError(f"target_precision must be in (0, 1], not {target_precision}")
     y, p = metrics.validate_probs(y_true, probs)
     if y.size == 0:
         raise ValueError("choose_threshold needs at least one record")
-    conf = p.max(axis=1)
+    return choose_threshold_for(p.max(axis=1), p.argmax(axis=1) == y, target_precision)
+
+
+def choose_threshold_for(confidence: np.ndarray, correct: np.ndarray, target_precision: float) -> ThresholdChoice:
+    """The LOWEST t whose calls {confidence >= t} reach the target precision, for any kind of call.
+
+    Precision is computed at every distinct confidence (ties enter together), because it is not monotone in t:
+    picking the first t from the top where it dips below the target would call too little.
+
+    Args:
+        confidence: (n,) the probability of the call each record would get; correct: (n,) whether it is right.
+        target_precision: in (0, 1].
+    """
+    if not 0.0 < target_precision <= 1.0:
+        raise ValueError(f"target_precision must be in (0, 1], not {target_precision}")
+    conf, right = np.asarray(confidence, dtype=np.float64), np.asarray(correct, dtype=bool)
+    if conf.size == 0:
+        return ThresholdChoice(NEVER_CALL, float("nan"), 0.0, float(target_precision), False)
     order = np.argsort(-conf, kind="stable")
     conf_sorted = conf[order]
-    correct = np.cumsum(p.argmax(axis=1)[order] == y[order])
+    hits = np.cumsum(right[order])
     block_end = np.flatnonzero(np.r_[conf_sorted[1:] != conf_sorted[:-1], True])
-    precision = correct[block_end] / (block_end + 1.0)
+    precision = hits[block_end] / (block_end + 1.0)
     ok = np.flatnonzero(precision >= target_precision)
     if ok.size == 0:
-        log.warning("no threshold reaches precision %.3f (best %.3f): nothing will be called at species level",
+        log.warning("no threshold reaches precision %.3f (best %.3f): nothing will be called at this level",
                     target_precision, precision.max())
         return ThresholdChoice(NEVER_CALL, float(precision.max()), 0.0, float(target_precision), False)
     end = block_end[ok[-1]]
-    return ThresholdChoice(float(conf_sorted[end]), float(precision[ok[-1]]), float((end + 1) / y.size),
+    return ThresholdChoice(float(conf_sorted[end]), float(precision[ok[-1]]), float((end + 1) / conf.size),
                            float(target_precision), True)

@@ -1,7 +1,7 @@
 """Step 9c, calls: from calibrated probabilities to a call per record (species, a higher rank, or unassigned), and
 what those calls are worth: the share called at each rank, how many are right (`calls_summary`), and
 over-classification of species that are not in the reference (`open_set_report`). Calls are DataFrames with `call`,
-`call_rank` and `confidence`, whoever made them.
+`call_rank` and `call_prob`, whoever made them.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from idengine.data.labels import LabelSpace
 log = logging.getLogger(__name__)
 
 UNASSIGNED = "unassigned"
+NOVEL = "novel"
+"""The call of a query whose species is (probably) not in the reference, at no resolved rank."""
 
 
 def _rank_index(rank_table: pd.DataFrame, rank: str, n_labels: int) -> tuple[np.ndarray, sparse.csr_array]:
@@ -32,26 +34,43 @@ def _rank_index(rank_table: pd.DataFrame, rank: str, n_labels: int) -> tuple[np.
     return np.asarray(names, dtype=object), matrix
 
 
-def assign_calls(probs: np.ndarray, species_names: Sequence[str], rank_table: pd.DataFrame, threshold: float,
-                 ranks: Sequence[str] | None = None) -> pd.DataFrame:
-    """Species call if its probability passes the threshold, else the deepest rank whose taxon sum passes it.
+def _dense_or_sparse(probs) -> sparse.csr_array | np.ndarray:
+    return sparse.csr_array(probs, dtype=np.float64) if sparse.issparse(probs) else np.asarray(probs, np.float64)
 
-    At each rank, from the deepest up, probabilities are summed over the labels sharing a taxon (a sparse
-    matrix product, so millions of rows stay fast); the first rank whose best taxon reaches the threshold gives
-    the call. Otherwise the record is `unassigned` with its top species probability as confidence. A rank at which
-    every label shares one taxon is skipped: its sum is always 1, so it carries no evidence about the query.
+
+def _best_column(p, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the best of the given columns and its probability (ties: the lower column)."""
+    if sparse.issparse(p):
+        sub = sparse.csr_array(p[:, columns])
+        best = np.asarray(sub.argmax(axis=1)).ravel()
+        return columns[best], np.asarray(sub[np.arange(sub.shape[0]), best]).ravel()
+    best = p[:, columns].argmax(axis=1)
+    return columns[best], p[np.arange(p.shape[0]), columns[best]]
+
+
+def assign_calls(probs, species_names: Sequence[str | None], rank_table: pd.DataFrame,
+                 threshold: float | dict[str, float], ranks: Sequence[str] | None = None) -> pd.DataFrame:
+    """Species call if its probability passes the species threshold, else the deepest rank whose summed
+    probability passes that rank's threshold, else (when thresholds has `novel`) "novel", else unassigned.
+
+    At each rank, from the deepest up, probabilities are summed over the columns sharing a taxon (a sparse
+    matrix product, so millions of rows stay fast). A rank at which every column shares one taxon is skipped: its
+    sum is always 1, so it carries no evidence about the query. Columns may also stand for "a species not in the
+    reference" (species name None): they count toward the ranks their rank_table row names (a novel species of
+    genus g toward g) and toward `novel`, never toward a species call.
 
     Args:
-        probs: (n, C) calibrated probabilities.
-        species_names: the C species names, in label order.
-        rank_table: one row per label (index 0..C-1), one column per rank; missing taxa are NaN/None/"".
-        threshold: the species threshold, applied at every rank.
+        probs: (n, C) calibrated probabilities, dense or scipy sparse (the engine's option space).
+        species_names: the C column names; None for a novel column.
+        rank_table: one row per column (index 0..C-1), one column per rank; missing taxa are NaN/None/"".
+        threshold: one threshold for every rank (a classifier), or {rank: threshold} with `species`, each rank of
+            `ranks` and optionally `novel` (the engine: each rank's own threshold for the same precision).
         ranks: ranks to try, deepest first; default: the columns of C.RANKS found in rank_table, genus upwards.
 
     Returns:
-        DataFrame with `call`, `call_rank` and `confidence` (the called taxon's probability), one row per record.
+        DataFrame with `call`, `call_rank` and `call_prob` (the called taxon's probability), one row per record.
     """
-    p = np.asarray(probs, dtype=np.float64)
+    p = _dense_or_sparse(probs)
     n_labels = p.shape[1]
     if len(species_names) != n_labels:
         raise ValueError(f"{len(species_names)} species names for {n_labels} probability columns")
@@ -62,28 +81,42 @@ def assign_calls(probs: np.ndarray, species_names: Sequence[str], rank_table: pd
     absent = pd.Index(range(n_labels)).difference(rank_table.index)
     if len(absent):
         raise ValueError(f"rank_table lacks labels {list(absent[:5])}...: index it by label 0..{n_labels - 1}")
+    limits = threshold if isinstance(threshold, dict) else {"species": threshold, **{r: threshold for r in ranks}}
+    names = np.asarray(species_names, dtype=object)
+    is_species = np.array([n is not None for n in names], dtype=bool)
+    top, conf = _best_column(p, np.flatnonzero(is_species))
+    call, rank, confidence = names[top].copy(), np.full(p.shape[0], "species", dtype=object), conf.copy()
+    pending = conf < limits["species"]
     table = rank_table.reindex(range(n_labels))
-    top = p.argmax(axis=1)
-    conf = p[np.arange(p.shape[0]), top]
-    top_names = np.asarray(species_names, dtype=object)[top]
-    call, rank, confidence = top_names.copy(), np.full(p.shape[0], "species", dtype=object), conf.copy()
-    pending = conf < threshold
     for rank_name in ranks:
-        idx = np.flatnonzero(pending)
-        names, matrix = _rank_index(table, rank_name, n_labels)
-        # A rank where every label shares one taxon (e.g. class in a fish-only reference) always sums to 1: a call
-        # there says what the reference holds, not what the model saw, and would leave nothing unassigned.
-        if idx.size == 0 or names.size == 0 or (names.size == 1 and matrix.sum() == n_labels):
-            continue
-        sums = p[idx] @ matrix
-        best = sums.argmax(axis=1)
-        # Clip: summed float probabilities can exceed 1 by rounding and pass an unreachable threshold (1 + eps).
-        best_sum = np.minimum(sums[np.arange(idx.size), best], 1.0)
-        hit = best_sum >= threshold
-        call[idx[hit]], rank[idx[hit]], confidence[idx[hit]] = names[best[hit]], rank_name, best_sum[hit]
-        pending[idx[hit]] = False
+        _call_rank(p, table, rank_name, limits[rank_name], pending, (call, rank, confidence))
+    if "novel" in limits and (~is_species).any():
+        novel = np.asarray(p[:, np.flatnonzero(~is_species)].sum(axis=1)).ravel()
+        hit = pending & (np.minimum(novel, 1.0) >= limits["novel"])
+        call[hit], rank[hit], confidence[hit] = NOVEL, NOVEL, np.minimum(novel[hit], 1.0)
+        pending &= ~hit
     call[pending], rank[pending] = UNASSIGNED, UNASSIGNED
-    return pd.DataFrame({"call": call, "call_rank": rank, "confidence": confidence})
+    return pd.DataFrame({"call": call, "call_rank": rank, "call_prob": confidence})
+
+
+def _call_rank(p, table: pd.DataFrame, rank_name: str, limit: float, pending: np.ndarray, out: tuple) -> None:
+    """Call the pending rows whose best taxon at `rank_name` reaches `limit` (in place)."""
+    idx = np.flatnonzero(pending)
+    names, matrix = _rank_index(table, rank_name, table.shape[0])
+    # A rank at which the whole reference is one taxon (e.g. class in a fish-only reference) says what the reference
+    # holds, not what the model saw: its sum is 1 (or 1 - "novel genus"), and calling it would leave nothing
+    # unassigned.
+    if idx.size == 0 or names.size <= 1:
+        return
+    sums = p[idx] @ matrix
+    sums = sums.toarray() if sparse.issparse(sums) else np.asarray(sums)
+    best = sums.argmax(axis=1)
+    # Clip: summed float probabilities can exceed 1 by rounding and pass an unreachable threshold (1 + eps).
+    best_sum = np.minimum(sums[np.arange(idx.size), best], 1.0)
+    hit = best_sum >= limit
+    call, rank, confidence = out
+    call[idx[hit]], rank[idx[hit]], confidence[idx[hit]] = names[best[hit]], rank_name, best_sum[hit]
+    pending[idx[hit]] = False
 
 
 def calls_for(probs: np.ndarray, labels: LabelSpace, threshold: float, rank_fallback: bool) -> pd.DataFrame:

@@ -44,6 +44,9 @@ class FoldResult:
     seconds: float = 0.0
     checkpoint: str = ""
     """Transformers: the kept epoch's adapter + head in Ray Train storage."""
+    rare_ids: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))
+    """Records of rare species (never classes) dealt to this fold, scored by this fold's model for the engine."""
+    rare_logits: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
     extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from idengine.data.tokenize import PAD_ID, collate
-from idengine.layout import INPUT_IDS
+from idengine.data.tokenize import PAD_ID, collate, tokenize_batch
+from idengine.layout import INPUT_IDS, SEQUENCE
 
 Batch = dict[str, torch.Tensor]
 
@@ -54,6 +54,25 @@ def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str
     mask[:, 0] = 0  # masked-LM pre-training gives CLS no summary task; NT issue #33 finds the two about equal
     weights = mask.to(hidden.dtype).unsqueeze(-1)
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def token_rows(tokenizer, sequences: Sequence[str], max_tokens: int) -> list[np.ndarray]:
+    """Token ids (CLS first, truncated to max_tokens) of cleaned sequences."""
+    return list(tokenize_batch({SEQUENCE: np.array(list(sequences), dtype=object)}, tokenizer, max_tokens)[INPUT_IDS])
+
+
+def sequence_logits(model: nn.Module, tokenizer, sequences: Sequence[str], max_tokens: int, batch_size: int = 64,
+                    device: torch.device | None = None, autocast_dtype: torch.dtype | None = None) -> np.ndarray:
+    """(n, num_labels) float32 logits of a classifier for cleaned sequences (tokenize, then classifier_logits)."""
+    return classifier_logits(model, token_rows(tokenizer, sequences, max_tokens), batch_size, device, autocast_dtype)
+
+
+def sequence_embeddings(backbone: nn.Module, tokenizer, sequences: Sequence[str], max_tokens: int,
+                        batch_size: int = 64, pooling: str = "mean", device: torch.device | None = None,
+                        autocast_dtype: torch.dtype | None = None) -> np.ndarray:
+    """(n, hidden) float32 pooled embeddings of a headless backbone for cleaned sequences."""
+    return embed_rows(backbone, token_rows(tokenizer, sequences, max_tokens), batch_size, pooling, device,
+                      autocast_dtype)
 
 
 def classifier_logits(model: nn.Module, rows: Sequence[np.ndarray], batch_size: int,
