@@ -131,41 +131,40 @@ def kmer_pairs(sequences: Sequence[str], k: int, sampling: int = 1) -> tuple[np.
     pass. Windows with an N, or across two sequences, are skipped; with sampling s > 1 a k-mer is kept when its
     64-bit multiplicative hash is divisible by s (FracMinHash: the same k-mers in every sequence)."""
     lengths = np.fromiter((len(x) for x in sequences), dtype=np.int64, count=len(sequences))
-    codes = _CODE[np.frombuffer("".join(sequences).encode(), dtype=np.uint8)].astype(np.int64)
+    codes = _CODE[np.frombuffer("".join(sequences).encode(), dtype=np.uint8)]  # uint8 + in-place ops: ~35 B/window
     n_win = codes.size - k + 1
     if n_win <= 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    owner = np.repeat(np.arange(len(sequences), dtype=np.int64), lengths)
-    bad = np.concatenate([[0], np.cumsum(codes == 4)])
+    owner = np.repeat(np.arange(len(sequences), dtype=np.int32), lengths)
+    bad = np.concatenate([[0], np.cumsum(codes == 4, dtype=np.int32)])
     ok = (bad[k:] - bad[:-k] == 0) & (owner[:n_win] == owner[k - 1:])
     kmer = np.zeros(n_win, dtype=np.int64)
     for i in range(k):
-        kmer = (kmer << 2) | (codes[i:i + n_win] & 3)
+        kmer <<= 2
+        kmer |= codes[i:i + n_win] & 3
     if sampling > 1:
-        ok &= ((kmer.astype(np.uint64) * _MIX) >> np.uint64(32)) % np.uint64(sampling) == 0
-    key = sorted_unique((owner[:n_win][ok] << (2 * k)) | kmer[ok])[0]
+        ok &= ((kmer.view(np.uint64) * _MIX) >> np.uint64(32)) % np.uint64(sampling) == 0
+    key = sorted_unique((owner[:n_win][ok].astype(np.int64) << (2 * k)) | kmer[ok])[0]
     return key >> (2 * k), key & ((1 << (2 * k)) - 1)
 
 
 def _postings(sequences: np.ndarray, k: int, sampling: int) -> tuple[np.ndarray, ...]:
     """vocab, post_ptr, post_refs, n_kmers: k-mers in blocks of sequences, then one in-place sort of (k-mer << 32 |
-    reference) keys; the peak is about 13 bytes per (reference, k-mer) pair plus one block's temporaries."""
-    keys = []
+    reference) keys; the peak is about 16 bytes per (reference, k-mer) pair plus one block's temporaries."""
+    keys, n_kmers = [], []
     for start in range(0, len(sequences), BUILD_BLOCK):
         ref, kmer = kmer_pairs(list(sequences[start:start + BUILD_BLOCK]), k, sampling)
         keys.append((kmer << 32) | (ref + start))
-    key, end = np.empty(sum(block.size for block in keys), np.int64), 0
-    for i in range(len(keys)):  # copied block by block and freed: the keys are held once, not twice
-        key[end:end + keys[i].size] = keys[i]
-        end, keys[i] = end + keys[i].size, None
+        n_kmers.append(np.bincount(ref, minlength=min(BUILD_BLOCK, len(sequences) - start)))
+    key = np.concatenate(keys)
+    del keys
     key.sort()
-    post_refs = (key & 0xFFFFFFFF).astype(np.int32)
+    post_refs = key.astype(np.int32)  # the low 32 bits, the reference: the cast truncates, no int64 temporary
     key >>= 32  # in place: the k-mer of each pair, sorted
     starts = np.flatnonzero(np.concatenate([[key.size > 0], key[1:] != key[:-1]]))
     vocab = key[starts]
     post_ptr = np.append(starts, post_refs.size).astype(np.int32 if post_refs.size < 2**31 else np.int64)
-    n_kmers = np.bincount(post_refs, minlength=len(sequences)).astype(np.int32)
-    return vocab.astype(np.int32), post_ptr, post_refs, n_kmers
+    return vocab.astype(np.int32), post_ptr, post_refs, np.concatenate(n_kmers).astype(np.int32)
 
 
 def _text(values: Any) -> np.ndarray:
