@@ -177,3 +177,26 @@ def test_a_tampered_reference_is_refused_naming_the_file(engine_run, tmp_path):
         handle.write(b"\0")
     with pytest.raises(ValueError, match="engine/reference.parquet"):
         load_artifact(copy)
+
+
+@pytest.mark.integration
+def test_a_reference_without_a_genus_column_calls_species_or_novel(tmp_path):
+    """labels.csv with only id and species: no genus to fall back to, so a call is a species, novel or unassigned."""
+    from conftest import REPO
+    from idengine.config_io import load_config
+    from idengine.deploy.predict import predict_file
+    from idengine.recipes.cv import run_cv
+    from idengine.recipes.prepare import prepare_dataset
+    from idengine.recipes.train import train_final
+
+    example = REPO / "examples" / "12s-fish-mini"
+    pd.read_csv(example / "labels.csv")[["id", "species"]].to_csv(tmp_path / "labels.csv", index=False)
+    config = load_config(REPO / "jobs" / "configs" / "tiny-cpu.yaml", [
+        f"data.sequences={example / 'sequences.fasta.gz'}", f"data.labels={tmp_path / 'labels.csv'}",
+        "model.kind=kmer-nb", f"train.storage_path={tmp_path / 'ray'}"])
+    prepared = prepare_dataset(config, tmp_path / "prepared")
+    model = train_final(config, prepared, run_cv(config, prepared, tmp_path / "cv"), tmp_path / "model")
+    calls = pd.read_csv(predict_file(model, example / "sequences.fasta.gz", tmp_path / "calls.csv", config.predict,
+                                     use_ray=False), keep_default_na=False)
+    assert len(calls) == 415 and set(calls["call_rank"]) <= {"species", "novel", "unassigned"}
+    assert (calls["call_rank"] == "species").mean() > 0.5

@@ -200,14 +200,19 @@ def test_a_second_call_reads_the_cache(embedded, monkeypatch):
 
 @pytest.mark.integration
 def test_probe_fold_returns_what_a_kmer_fold_returns(embedded):
+    from idengine.data.prepared import read_unknown
     from idengine.features.embeddings import record_embeddings
-    from idengine.recipes.folds import kmer_fold, probe_fold
+    from idengine.recipes.folds import backbone_embeddings, kmer_fold, probe_fold
 
     prepared, config, _ = embedded
     records, labels = read_prepared(prepared)
-    result = probe_fold(config, record_embeddings(prepared, config, records), records, labels, "2")
-    kmer = kmer_fold(with_values(config, {"model.kind": "kmer-nb"}), records, labels, "2")
+    rare = read_unknown(prepared).head(7)  # set-aside rare species: scored by the fold's model, never its classes
+    rare_x = backbone_embeddings(config, rare[C.SEQUENCE].tolist())
+    result = probe_fold(config, record_embeddings(prepared, config, records), records, labels, "2", rare, rare_x)
+    kmer = kmer_fold(with_values(config, {"model.kind": "kmer-nb"}), records, labels, "2", rare)
     assert set(result.summary()) == set(kmer.summary()) and set(result.val) == set(kmer.val)
+    assert result.rare_ids.tolist() == rare[C.ID].tolist() == kmer.rare_ids.tolist()
+    assert result.rare_logits.shape == kmer.rare_logits.shape == (len(rare), labels.num_classes)
     val = records[records[C.FOLD] == "2"]
     assert result.ids.tolist() == val[C.ID].tolist() and result.labels.tolist() == val[C.LABEL].tolist()
     assert result.logits.shape == (len(val), labels.num_classes)

@@ -35,6 +35,7 @@ from idengine.reference import assess
 from idengine.reference.decision import fit_decision, segment_softmax
 from idengine.reference.evidence import ClassifierView, Options, ReferenceTaxa, build_options
 from idengine.reference.index import Exclusions, Hits, ReferenceIndex, build_index, search
+from idengine.reference.neighbours import Neighbours, nearest_other, reference_neighbours
 from idengine.reference.scenarios import Visibility, deal_rare_species, fill_answers, make_scenarios
 from idengine.reference.space import OptionSpace, engine_calls, rank_thresholds
 
@@ -54,11 +55,13 @@ class EngineRun:
     options: Options
     oof_scores: np.ndarray
     metrics: dict[str, Any]
+    neighbours: Neighbours
 
     def write(self, cv_dir) -> None:
-        """engine/scenarios.parquet and engine/options.parquet into a (staging) cv directory."""
+        """engine/{scenarios,options}.parquet and the cv reference's neighbours into a (staging) cv directory."""
         out = cv_dir / ENGINE_DIR
         out.mkdir()
+        self.neighbours.save(out)
         self.scenarios.to_parquet(out / SCENARIOS_FILE, index=False)
         o = self.options
         features = pa.FixedSizeListArray.from_arrays(pa.array(o.features.ravel()), o.features.shape[1])
@@ -136,8 +139,19 @@ def kmer_logits(config: Config, records: pd.DataFrame, unknown: pd.DataFrame, ra
     return out
 
 
+def neighbours_of(index: ReferenceIndex, config: Config) -> Neighbours:
+    """Every reference record's nearest other-species records (each searched with its own species hidden)."""
+    def run(sequences: list[str], species: np.ndarray) -> Hits:
+        hide = pd.DataFrame({"exclude_fold": None, "exclude_species": species, "exclude_genus": None,
+                             "exclude_group": None}, index=range(len(species)))
+        return search_all(index, sequences, hide, config)
+
+    return reference_neighbours(index.species, list(index.sequences), run)
+
+
 def query_options(config: Config, scenarios: pd.DataFrame, hits: Hits, taxa: ReferenceTaxa,
-                  views: dict[str, tuple], labels: LabelSpace, visibility: Visibility) -> Options:
+                  views: dict[str, tuple], labels: LabelSpace, visibility: Visibility,
+                  neighbours: Neighbours) -> Options:
     """build_options over all queries, chunk by chunk (the per-query probabilities are built per chunk)."""
     parts, e = [], config.engine
     for start in range(0, len(scenarios), SEARCH_CHUNK):
@@ -148,7 +162,9 @@ def query_options(config: Config, scenarios: pd.DataFrame, hits: Hits, taxa: Ref
                 for name, v in views.items()}
         part = build_options(hits.ref[rows], hits.identity[rows], hits.coverage[rows], taxa, made["classifier"],
                              made["kmer"], e.max_species, e.classifier_top,
-                             visible=lambda q, s, c=chunk: visibility.records(c, q, s))
+                             visible=lambda q, s, c=chunk: visibility.records(c, q, s),
+                             nearest=lambda q, r, c=chunk: nearest_other(
+                                 neighbours, r, lambda owners, rows: visibility.rows_visible(c, owners, rows), q))
         parts.append(Options(part.query + start, part.kind, part.name, part.genus, part.features, 0))
     return Options(*[np.concatenate([getattr(p, f) for p in parts]) for f in
                      ("query", "kind", "name", "genus", "features")], len(scenarios))
@@ -223,7 +239,8 @@ def engine_cv(config: Config, records: pd.DataFrame, unknown: pd.DataFrame, labe
     hits = search_all(index, [sequence_of[r] for r in scenarios["record"]], scenarios, config)
     views = _views(config, records, unknown, labels, results)
     taxa = ReferenceTaxa.from_rows(index.species, index.taxonomy.get("genus"))
-    options = query_options(config, scenarios, hits, taxa, views, labels, visibility)
+    neighbours = neighbours_of(index, config)
+    options = query_options(config, scenarios, hits, taxa, views, labels, visibility, neighbours)
     targets = assess.target_slots(options, scenarios["answer_kind"].to_numpy(), scenarios["answer"].to_numpy())
     scores = nested_scores(config, options, targets, scenarios)
     space = OptionSpace.from_taxonomy(reference)
@@ -242,7 +259,7 @@ def engine_cv(config: Config, records: pd.DataFrame, unknown: pd.DataFrame, labe
                "folds": per_fold, "queries": table["scenario"].value_counts().to_dict(),
                "untrainable_queries": int((targets < 0).sum()), "seconds": round(time.time() - start, 1)}
     log.info("engine cv: %d queries (%s) in %.0f s", len(table), metrics["queries"], metrics["seconds"])
-    return EngineRun(table, options, scores, metrics)
+    return EngineRun(table, options, scores, metrics, neighbours)
 
 
 def _views(config: Config, records: pd.DataFrame, unknown: pd.DataFrame, labels: LabelSpace,

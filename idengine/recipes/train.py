@@ -34,7 +34,7 @@ from idengine.deploy.classifiers import KmerClassifier, ProbeClassifier, Transfo
 from idengine.deploy.export import update_artifact_files, write_artifact
 from idengine.evaluate.calibrate import Calibrator, ThresholdChoice, calibration_report, choose_threshold, \
     fit_calibrator, fit_temperature
-from idengine.evaluate.calls import calls_for, calls_summary
+from idengine.evaluate.calls import calls_for, calls_summary, open_set_report
 from idengine.evaluate.metrics import classification_metrics, expected_calibration_error, reliability_bins, \
     score_logits, softmax
 from idengine.evaluate.oof import read_oof
@@ -44,10 +44,11 @@ from idengine.models.kmer import fit_kmer_model
 from idengine.models.probe import fit_probe
 from idengine.models.transformer import build_model, load_backbone, load_trainable_state
 from idengine.recipes.cv import run_key
-from idengine.recipes.engine import read_engine, reference_table
+from idengine.recipes.engine import ENGINE_DIR, neighbours_of, read_engine, reference_table
 from idengine.reference import assess
 from idengine.reference.decision import PAD_SCORE, fit_decision, padded, segment_softmax
 from idengine.reference.engine import Engine, reference_index
+from idengine.reference.neighbours import load_neighbours
 from idengine.reference.space import OptionSpace, engine_calls, rank_thresholds
 from idengine.report.markdown import final_markdown
 from idengine.report.plots import reliability_comparison_figure, save_png
@@ -183,8 +184,11 @@ def build_engines(config: Config, cv_dir: Path, records: pd.DataFrame, unknown: 
         kmer = fit_kmer_model(config.engine.kmer_model, train[C.SEQUENCE].to_numpy(), train[C.LABEL].to_numpy(),
                               labels.num_classes, k=config.model.kmer, seed=config.train.seed)
     everything = pd.concat([records.drop(columns=[C.LABEL, C.FOLD]), unknown], ignore_index=True)
-    test_engine = Engine(reference_index(cv_reference, config.engine), decision, thresholds, config.engine, kmer)
-    export_engine = Engine(reference_index(everything, config.engine), decision, thresholds, config.engine, kmer)
+    # The test engine's reference is the cv's, whose neighbours cv already found; the exported one adds the test split.
+    test_engine = Engine(reference_index(cv_reference, config.engine), decision, thresholds, config.engine,
+                         load_neighbours(Path(cv_dir) / ENGINE_DIR), kmer)
+    index = reference_index(everything, config.engine)
+    export_engine = Engine(index, decision, thresholds, config.engine, neighbours_of(index, config), kmer)
     return test_engine, export_engine, choices
 
 
@@ -199,6 +203,21 @@ def classifier_test(logits: np.ndarray, test: pd.DataFrame, calibrator: Calibrat
     return {"n": int(y.size), "before_calibration": classification_metrics(y, softmax(z), k),
             "after_calibration": classification_metrics(y, probs, k),
             "calibration": calibration_report(z, y, calibrator), "calls": calls_summary(calls, truth)}
+
+
+def classifier_open_set(classifier, calibrator: Calibrator, test_logits: np.ndarray, test: pd.DataFrame,
+                        unknown: pd.DataFrame, labels: LabelSpace, threshold: float, config: Config) -> dict[str, Any]:
+    """The classifier's own calls on the set-aside rare species (never its classes, so novel to it) beside the test
+    split: its over-classification at the threshold chosen on OOF. The engine's open set is cv's (engine/)."""
+    unknown_logits = classifier.logits(unknown[C.SEQUENCE].tolist()) if len(unknown) else \
+        np.zeros((0, labels.num_classes))
+    fallback = config.calibrate.rank_fallback
+    unknown_calls = calls_for(calibrator.apply(unknown_logits), labels, threshold, fallback)
+    test_calls = calls_for(calibrator.apply(test_logits), labels, threshold, fallback)
+    genera = {g for g in labels.taxonomy.get("genus", ()) if g}
+    return open_set_report(unknown_calls, unknown.reindex(columns=[C.SPECIES, *labels.ranks]).reset_index(drop=True),
+                           test_calls, test.reindex(columns=[C.SPECIES, *labels.ranks]).reset_index(drop=True),
+                           genera or None)
 
 
 def check_export(directory: Path, test: pd.DataFrame, trained_probs: np.ndarray) -> dict[str, float]:
@@ -255,12 +274,14 @@ def train_final(config: Config, prepared_dir: str | Path, cv_dir: str | Path, ou
         classifier, test_logits, history = train_classifier(config, prepared_dir, records, labels, test,
                                                             f"{out.name}-{run_key(config, prepared_dir)}-final")
         tested = classifier_test(test_logits, test, calibrator, labels, choice.threshold, config)
+        open_set = classifier_open_set(classifier, calibrator, test_logits, test, unknown, labels, choice.threshold,
+                                       config)
         metrics = {"model": config.model.describe(),
                    "cv": {"mean": cv_metrics["mean"], "monitor": cv_metrics.get("monitor"), "dir": str(cv_dir)},
                    "training": {"epochs": epochs, "cv_best_epochs": cv_best, "seconds": round(time.time() - start, 1),
                                 "history": history},
                    "calibration": {"method": calibrator.method, "oof": oof_report}, "threshold": choice.to_dict(),
-                   "test": tested}
+                   "test": tested, "open_set": open_set}
         engine = None
         if config.engine.enabled:
             test_engine, engine, choices = build_engines(config, cv_dir, records, unknown, labels)

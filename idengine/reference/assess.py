@@ -71,7 +71,7 @@ def open_world(calls: pd.DataFrame, scenarios: pd.DataFrame, genus_probs: tuple[
     kind = scenarios["scenario"].to_numpy()
     species_call = calls["call_rank"].to_numpy() == "species"
     right_species = calls["call"].to_numpy() == scenarios["truth_species"].to_numpy()
-    known = np.isin(kind, [KNOWN, KNOWN_RARE])
+    known, rare = kind == KNOWN, kind == KNOWN_RARE
     novel = np.isin(kind, [NOVEL_SPECIES_SCENARIO, NOVEL_GENUS_SCENARIO])
     genus_kept = (kind == NOVEL_SPECIES_SCENARIO) & (scenarios["answer_kind"].to_numpy() == NOVEL_SPECIES)
     top_genus, _ = genus_probs
@@ -80,10 +80,12 @@ def open_world(calls: pd.DataFrame, scenarios: pd.DataFrame, genus_probs: tuple[
     return {
         "known_called_species": _mean(species_call[known]),
         "known_species_call_precision": _mean(right_species[known & species_call]),
+        "known_rare_called_species": _mean(species_call[rare]),
+        "known_rare_called_right": _mean((species_call & right_species)[rare]),
         "over_classification": _mean(species_call[novel]),
         "novel_genus_accuracy_top": _mean(top_genus[genus_kept] == scenarios["truth_genus"].to_numpy()[genus_kept]),
         "novel_genus_called_right": _mean(right_genus_call[genus_kept]),
-        "n_known": int(known.sum()), "n_novel": int(novel.sum()), "n_novel_genus_known": int(genus_kept.sum()),
+        "n_known": int(known.sum()), "n_known_rare": int(rare.sum()), "n_novel": int(novel.sum()), "n_novel_genus_known": int(genus_kept.sum()),
     }
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from idengine import layout as L
@@ -107,16 +106,38 @@ def _holdout(groups: np.ndarray, seed: int) -> np.ndarray:
     return np.array([g in held for g in groups], dtype=bool)
 
 
-def _tensors(options: Options, target_slot: np.ndarray, mean: np.ndarray, scale: np.ndarray):
-    """Padded features (Q, W, F), a validity mask (Q, W) and the target slot (Q,) of the trainable queries."""
+@dataclass
+class _Rows:
+    """The trainable queries' option rows, flat (no padding): features, each row's query, each query's true row."""
+
+    x: torch.Tensor
+    query: torch.Tensor
+    target: torch.Tensor
+    starts: np.ndarray
+    counts: np.ndarray
+
+    def batch(self, queries: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows of the given queries, their queries renumbered 0.., and the true rows within the batch."""
+        counts = self.counts[queries]
+        offsets = np.cumsum(counts) - counts
+        rows = np.repeat(self.starts[queries] - offsets, counts) + np.arange(counts.sum())
+        local = torch.from_numpy(np.repeat(np.arange(len(queries)), counts))
+        target = torch.from_numpy(offsets) + self.target[torch.from_numpy(queries)] - \
+            torch.from_numpy(self.starts[queries])
+        return self.x[torch.from_numpy(rows)], local, target
+
+
+def _rows(options: Options, target_slot: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> _Rows:
+    """The option rows of the queries whose true option is offered (target_slot >= 0), standardised."""
     keep = target_slot >= 0
-    slot = np.arange(len(options.query)) - np.searchsorted(options.query, options.query)
-    width = int(slot.max()) + 1
-    x = np.zeros((options.n_queries, width, len(FEATURES)), dtype=np.float32)
-    mask = np.zeros((options.n_queries, width), dtype=bool)
-    x[options.query, slot] = (options.features - mean) / scale
-    mask[options.query, slot] = True
-    return torch.from_numpy(x[keep]), torch.from_numpy(mask[keep]), torch.from_numpy(target_slot[keep]).long()
+    sub = options.take(np.flatnonzero(keep[options.query]))
+    renumber = np.cumsum(keep) - 1
+    query = renumber[sub.query]
+    starts = np.searchsorted(query, np.arange(int(keep.sum())))
+    counts = np.bincount(query, minlength=int(keep.sum()))
+    target = torch.from_numpy(starts + target_slot[keep])
+    x = torch.from_numpy(((sub.features - mean) / scale).astype(np.float32))
+    return _Rows(x, torch.from_numpy(query), target, starts, counts)
 
 
 def _net(width: int, hidden: int) -> nn.Module:
@@ -125,29 +146,33 @@ def _net(width: int, hidden: int) -> nn.Module:
     return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
 
-def _nll(net: nn.Module, x: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    scores = net(x).squeeze(-1).masked_fill(~mask, PAD_SCORE)
-    return F.cross_entropy(scores, target)
+def _nll(net: nn.Module, x: torch.Tensor, query: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over queries of -log softmax(score) of the true option, the softmax within each query's rows."""
+    scores = net(x).squeeze(-1)
+    n = int(query.max()) + 1
+    top = torch.full((n,), -torch.inf).scatter_reduce(0, query, scores.detach(), reduce="amax")
+    total = torch.zeros(n).index_add_(0, query, torch.exp(scores - top[query]))
+    return (torch.log(total) + top - scores[target]).mean()
 
 
-def _train(net: nn.Module, data, held: np.ndarray, seed: int) -> tuple[dict, list[float]]:
+def _train(net: nn.Module, data: _Rows, held: np.ndarray, seed: int) -> tuple[dict, list[float]]:
     """Mini-batch AdamW on the fitted queries; the epoch with the lowest held-out NLL is kept."""
-    x, mask, target = data
     fit, val = np.flatnonzero(~held), np.flatnonzero(held)
+    check = data.batch(val if len(val) else fit)
     optimizer = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
     best, best_state, history = np.inf, None, []
     for epoch in range(EPOCHS):
         net.train()
-        for rows in torch.from_numpy(fit)[torch.randperm(len(fit), generator=generator)].split(BATCH_QUERIES):
-            loss = _nll(net, x[rows], mask[rows], target[rows])
+        order = rng.permutation(fit)
+        for start in range(0, len(order), BATCH_QUERIES):
+            loss = _nll(net, *data.batch(order[start:start + BATCH_QUERIES]))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         net.eval()
         with torch.no_grad():
-            rows = torch.from_numpy(val if len(val) else fit)
-            history.append(float(_nll(net, x[rows], mask[rows], target[rows])))
+            history.append(float(_nll(net, *check)))
         if history[-1] < best - 1e-5:
             best, best_state = history[-1], {k: v.detach().clone() for k, v in net.state_dict().items()}
         elif epoch - int(np.argmin(history)) >= PATIENCE:
@@ -171,7 +196,7 @@ def fit_decision(options: Options, target_slot: np.ndarray, groups: np.ndarray, 
     """
     mean = options.features.mean(axis=0)
     scale = np.maximum(options.features.std(axis=0), 1e-6)
-    data = _tensors(options, target_slot, mean, scale)
+    data = _rows(options, target_slot, mean, scale)
     held = _holdout(np.asarray(groups)[target_slot >= 0], seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small matrices: more threads only spin against each other on a shared machine

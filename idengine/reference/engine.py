@@ -1,8 +1,9 @@
 """Step 10g, the engine: the call for a batch of sequences, from the reference index, the classifier's and the k-mer
 model's probabilities and the decision model, as `idengine predict` runs it (and `idengine train` on the test split).
 
-Stored in an artifact as engine/: the reference records (reference.parquet; the prefilter is rebuilt on load), the
-k-mer evidence model, the decision model and each rank's threshold (engine.json). No pickle.
+Stored in an artifact as engine/: the reference records (reference.parquet; the prefilter is rebuilt on load), their
+nearest other-species neighbours, the k-mer evidence model, the decision model and each rank's threshold
+(engine.json). No pickle.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from idengine.models.kmer import KmerModel, load_kmer_model
 from idengine.reference.decision import DecisionModel, load_decision
 from idengine.reference.evidence import ClassifierView, ReferenceTaxa, build_options
 from idengine.reference.index import ReferenceIndex, build_index, load_index, save_index, search
+from idengine.reference.neighbours import Neighbours, load_neighbours, nearest_other
 from idengine.reference.space import OptionSpace, engine_calls
 
 ENGINE_META = "engine.json"
@@ -36,6 +38,8 @@ class Engine:
     thresholds: dict[str, float]
     """Each rank's threshold (species, genus, ..., novel) for the target precision, chosen on out-of-fold calls."""
     settings: EngineConfig
+    neighbours: Neighbours
+    """Each reference record's nearest other-species records (the barcode-gap evidence)."""
     kmer: KmerModel | None = None
     """The k-mer evidence model (None when the classifier is itself that k-mer model)."""
 
@@ -55,7 +59,8 @@ class Engine:
         if kmer is None and classifier is None:
             raise ValueError("the engine needs a classifier or a k-mer model")
         options = build_options(hits.ref, hits.identity, hits.coverage, self.taxa, classifier, kmer,
-                                s.max_species, s.classifier_top)
+                                s.max_species, s.classifier_top,
+                                nearest=lambda q, rows: nearest_other(self.neighbours, rows))
         return self.space.matrix(options, self.decision.probabilities(options)), hits
 
     def call(self, sequences: list[str], classifier_probs: np.ndarray | None, label_species: np.ndarray,
@@ -97,6 +102,7 @@ def save_engine(engine: Engine, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     save_index(engine.index, directory / L.REFERENCE_FILE)
     engine.decision.save(directory)
+    engine.neighbours.save(directory)
     if engine.kmer is not None:
         engine.kmer.save(directory / KMER_DIR)
     meta = {"thresholds": engine.thresholds, "settings": engine.settings.__dict__, "kmer": engine.kmer is not None}
@@ -110,4 +116,4 @@ def load_engine(directory: Path) -> Engine:
     index = load_index(directory / L.REFERENCE_FILE, settings.index_k, settings.index_sampling)
     kmer = load_kmer_model(directory / KMER_DIR) if meta["kmer"] else None
     return Engine(index, load_decision(directory), {k: float(v) for k, v in meta["thresholds"].items()}, settings,
-                  kmer)
+                  load_neighbours(directory), kmer)

@@ -6,8 +6,9 @@ and one "a genus not in the reference". Every option gets the same feature vecto
 block does not apply, so one scorer (`decision.py`) ranks them all:
 
 - species: best and second-best identity to the species, the margins to the best other species and to the best
-  other genus, coverage, how many reference records the species has, the classifier's and the k-mer model's
-  log-probability (with a flag where the species is not one of their classes);
+  other genus, coverage, how many reference records the species has and how many of the hits are its, the barcode
+  gap (the best hit's identity minus that record's identity to its nearest other species, `neighbours.py`), the
+  classifier's and the k-mer model's log-probability (with a flag where the species is not one of their classes);
 - novel species of genus g: the best identity to the genus, its margin to other genera, coverage, the species the
   genus has, the classifiers' summed probability of the genus;
 - novel genus: the best identity to anything, its coverage, the classifiers' top probability;
@@ -28,6 +29,7 @@ FEATURES = (
     "is_species", "is_novel_species", "is_novel_genus",
     "sp_has_hit", "sp_div", "sp_log_div", "sp_div2", "sp_margin_species", "sp_margin_genus", "sp_coverage",
     "sp_log_records", "sp_cls_in", "sp_cls_logp", "sp_kmer_in", "sp_kmer_logp", "sp_is_top",
+    "sp_hit_share", "sp_gap", "sp_nn_div",
     "g_has_hit", "g_div", "g_log_div", "g_margin", "g_coverage", "g_log_species", "g_cls_logp", "g_kmer_logp",
     "g_is_top",
     "n_div", "n_log_div", "n_coverage", "n_cls_logmax", "n_kmer_logmax",
@@ -119,7 +121,8 @@ def _best_two(table: pd.DataFrame, key: str) -> pd.DataFrame:
     """Per (query, key): best identity and its coverage, second-best identity, hit count (best first)."""
     ordered = table.sort_values(["query", "identity", "slot"], ascending=[True, False, True])
     grouped = ordered.groupby(["query", key], sort=False)
-    out = grouped.agg(id1=("identity", "first"), cov1=("coverage", "first"), n_hits=("identity", "size"))
+    out = grouped.agg(id1=("identity", "first"), cov1=("coverage", "first"), ref1=("ref", "first"),
+                      n_hits=("identity", "size"))
     second = ordered[grouped.cumcount().to_numpy() == 1].set_index(["query", key])["identity"]
     out["id2"] = second.reindex(out.index).to_numpy()
     return out.reset_index()
@@ -183,10 +186,18 @@ def _classifier_columns(rows: pd.DataFrame, view: ClassifierView | None, prefix:
 
 
 
-def _species_features(rows: pd.DataFrame, hits: pd.DataFrame, views: tuple, visible, out: np.ndarray) -> None:
-    """Fill the species block of the species rows (hit statistics, margins, sizes, classifier evidence)."""
+def _species_features(rows: pd.DataFrame, hits: pd.DataFrame, views: tuple, visible, nearest,
+                      out: np.ndarray) -> None:
+    """Fill the species block of the species rows (hit statistics, margins, sizes, gap, classifier evidence)."""
     q = rows["query"].to_numpy()
     ids = rows["id1"].fillna(0.0).to_numpy(dtype=float)
+    slots = max(int(hits["slot"].max()) + 1, 1) if len(hits) else 1
+    out[:, _F["sp_hit_share"]] = rows["n_hits"].fillna(0).to_numpy(dtype=float) / slots
+    if nearest is not None:
+        other = nearest(q, rows["ref1"].fillna(-1).to_numpy(dtype=np.int64))
+        has = rows["has_hit"].to_numpy() > 0
+        out[:, _F["sp_gap"]] = np.where(has, 10 * (ids - other), 0.0)
+        out[:, _F["sp_nn_div"]] = np.where(has, 1.0 - other, 0.0)
     out[:, _F["is_species"]] = 1.0
     out[:, _F["sp_has_hit"]] = rows["has_hit"].to_numpy()
     out[:, _F["sp_div"]], out[:, _F["sp_log_div"]] = _div(ids)
@@ -209,6 +220,8 @@ def _species_features(rows: pd.DataFrame, hits: pd.DataFrame, views: tuple, visi
 def _genus_rows(species_rows: pd.DataFrame, hits: pd.DataFrame, taxa: ReferenceTaxa, views: tuple) -> pd.DataFrame:
     """One "novel species of genus g" option per known genus among a query's candidate species, with its features."""
     rows = species_rows.loc[species_rows["genus"] != "", ["query", "genus"]].drop_duplicates()
+    if rows.empty:  # no genus known (or no genus column at all): no "novel species of genus g" options
+        return rows.assign(features=[])
     known = hits[hits["genus"] != ""]
     best = _best_two(known, "genus") if len(known) else pd.DataFrame(columns=["query", "genus", "id1", "cov1"])
     rows = rows.merge(best[["query", "genus", "id1", "cov1"]], on=["query", "genus"], how="left")
@@ -266,7 +279,7 @@ def _novel_genus_features(context: np.ndarray, hits: pd.DataFrame, views: tuple)
 
 def build_options(ref: np.ndarray, identity: np.ndarray, coverage: np.ndarray, taxa: ReferenceTaxa,
                   classifier: ClassifierView | None = None, kmer: ClassifierView | None = None,
-                  max_species: int = 8, classifier_top: int = 3, visible=None) -> Options:
+                  max_species: int = 8, classifier_top: int = 3, visible=None, nearest=None) -> Options:
     """Every option of every query of a batch, with its features.
 
     Args:
@@ -276,6 +289,8 @@ def build_options(ref: np.ndarray, identity: np.ndarray, coverage: np.ndarray, t
         max_species, classifier_top: candidate species from the hits, and from each classifier's top.
         visible: (query rows, species) -> reference records of the species the query could see (the default is
             every record: what `idengine predict` sees; simulations that hide records pass their own).
+        nearest: (query rows, hit records) -> each record's identity to its nearest other-species record the
+            query may see (`neighbours.nearest_other`); None leaves the gap features at 0.
 
     Returns:
         Options with one row per (query, option), the queries' rows in order, every query with at least the
@@ -288,7 +303,7 @@ def build_options(ref: np.ndarray, identity: np.ndarray, coverage: np.ndarray, t
     species_rows = _species_rows(hits, n, [classifier, kmer], max_species, classifier_top)
     species_rows["genus"] = species_rows["species"].map(taxa.species_genus).fillna("")
     feats = np.zeros((len(species_rows), len(FEATURES)), dtype=np.float32)
-    _species_features(species_rows, hits, views, visible, feats)
+    _species_features(species_rows, hits, views, visible, nearest, feats)
     genus_rows = _genus_rows(species_rows, hits, taxa, views)
     context = _context(hits, n)
     parts = [(species_rows["query"].to_numpy(), SPECIES, species_rows["species"].to_numpy(),

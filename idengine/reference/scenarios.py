@@ -99,6 +99,19 @@ class Visibility:
             else pd.Series(dtype=object)
         self.genus_of = ref.drop_duplicates(C.SPECIES).set_index(C.SPECIES)["_genus"]
         self.fold_species = ref.groupby(["_genus", "_fold"], dropna=False)[C.SPECIES].unique()
+        self.rows = {"fold": ref["_fold"].to_numpy(dtype=object), "species": ref[C.SPECIES].to_numpy(dtype=object),
+                     "genus": ref["_genus"].to_numpy(dtype=object),
+                     "group": ref[C.GROUP].to_numpy(dtype=object) if C.GROUP in ref else
+                     np.full(len(ref), None, dtype=object)}
+
+    def rows_visible(self, scenarios: pd.DataFrame, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """(len(q), M) bool: may scenario query q[i] see reference rows rows[i, :]? (what it hides, it cannot)."""
+        part = scenarios.iloc[q]
+        ok = np.ones(rows.shape, dtype=bool)
+        for level in ("fold", "species", "genus", "group"):
+            hidden = part[f"exclude_{level}"].to_numpy(dtype=object)[:, None]
+            ok &= ~((self.rows[level][rows] == hidden) & pd.notna(hidden))
+        return ok
 
     def records(self, scenarios: pd.DataFrame, q: np.ndarray, species: np.ndarray) -> np.ndarray:
         """Visible records of `species` for the scenario rows `q` (the evidence's `visible` callback)."""

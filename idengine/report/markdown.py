@@ -163,6 +163,12 @@ def _classifier_lines(metrics: dict[str, Any]) -> list[str]:
     lines += ["", f"Its species threshold {_num(t['threshold'])} for precision {t['target']} ({reached} on "
               f"out-of-fold data: {_num(t['achieved_precision'])}, coverage {_num(t['coverage'])}); its test calls by "
               f"rank {_fractions(test['calls'])}."]
+    unknown = metrics.get("open_set", {}).get("unknown", {})
+    if unknown.get("n"):
+        lines += ["", f"Open set: {unknown['n']} records of the set-aside rare species (never its classes). "
+                  f"Over-classification (its species calls) {_num(unknown['over_classification_rate'])}; calls by "
+                  f"rank {_fractions(unknown['calls'])}; their genus is in the reference for "
+                  f"{_num(unknown.get('genus_in_reference'))} of them."]
     return lines
 
 
