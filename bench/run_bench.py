@@ -33,7 +33,10 @@ IDENGINE_MODELS = ("kmer-nb", "kmer-linear", "tiny", "probe")
 PEER_MODELS = ("vsearch", "blast", "sintax")
 METRIC_COLUMNS = (("top1_acc", "top-1"), ("f1_macro", "macro F1"), ("top5_acc", "top-5"),
                   ("pr_auc_macro", "macro PR-AUC"), ("log_loss", "log loss"), ("ece", "ECE"))
-OTHER_COLUMNS = ("open set: overclassified", "train s/fold", "classify seqs/s", "peak MiB")
+OTHER_COLUMNS = ("known: species calls", "open set: overclassified", "novel sp.: genus right", "train s/fold",
+                 "classify seqs/s", "peak MiB")
+ENGINE_MODELS = ("kmer-nb", "kmer-linear")
+"""Models whose cv also runs the engine's out-of-fold step by default (bench/engine_rows.py; --engine-models)."""
 BASE_CONFIG = REPO / "jobs" / "configs" / "tiny-cpu.yaml"
 REUSE_NOTE = ["Rows were assembled with --reuse from per-model results in the work dir (each measured by its own "
               "invocation, possibly concurrently with others; see each row's note for its settings)."]
@@ -62,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-open-set", action="store_true", help="skip the open-set column for every model")
     p.add_argument("--tiny-open-set", action="store_true", help="also score the open set with each tiny fold model")
     p.add_argument("--threads", type=int, default=2, help="threads given to BLAST+/VSEARCH")
+    p.add_argument("--engine-models", nargs="*", default=list(ENGINE_MODELS),
+                   help="idengine models whose cv also runs the engine (its row and the index-alone row)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reuse", action="store_true", help="reuse per-model results already in the work dir")
     p.add_argument("--assemble-only", action="store_true",
@@ -119,6 +124,7 @@ def run_child(model: str, args: argparse.Namespace, prepared: Path, work: Path) 
     result_file.parent.mkdir(parents=True, exist_ok=True)
     spec = {"model": model, "prepared": str(prepared), "work": str(work), "epochs": args.epochs, "seed": args.seed,
             "open_set": not args.no_open_set and (model != "tiny" or args.tiny_open_set),
+            "engine": model in args.engine_models,
             "result": str(result_file)}
     start = time.time()
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
@@ -163,15 +169,24 @@ def bench_idengine_model(spec: dict) -> dict:
 
     model, prepared, work = spec["model"], Path(spec["prepared"]), Path(spec["work"])
     config = model_config(model, prepared, work, spec["epochs"], spec["seed"])
-    if config.model.kind not in KMER_KINDS:
+    engine = spec.get("engine", False)
+    if config.model.kind not in KMER_KINDS or engine:
         start_ray()
     partial = Path(spec["result"]).with_suffix(".partial.json")
     results = []
-    for result in iter_folds(config, prepared, work / "cv" / model):  # a run stopped for time leaves its folds
+    # a run stopped for time leaves its folds; with the engine, each fold also scores its rare species
+    for result in iter_folds(config, prepared, work / "cv" / model, with_rare=engine):
         results.append(result)
         partial.write_text(json.dumps({"name": model, "kind": "idengine", "status": "ok", "folds_done": len(results),
                                        "metrics": running_summary(results), "load_avg_at_end": os.getloadavg()}))
-    cv_dir = write_cv(work / "cv" / model, config, results, read_prepared(prepared)[1].num_classes)
+    engine_metrics = None
+    if engine:
+        import engine_rows
+
+        engine_metrics = engine_rows.run_engine(config, prepared, results, work / "cv" / model)
+        cv_dir = work / "cv" / model
+    else:
+        cv_dir = write_cv(work / "cv" / model, config, results, read_prepared(prepared)[1].num_classes)
     metrics = json.loads((cv_dir / "metrics.json").read_text())
     history = [json.loads((cv_dir / "folds" / f"{f['fold']}.json").read_text()) for f in metrics["folds"]]
     if config.model.kind in KMER_KINDS:
@@ -192,7 +207,7 @@ def bench_idengine_model(spec: dict) -> dict:
     result = {"name": model, "kind": "idengine", "status": "ok", "note": note, "metrics": metrics["mean"],
               "folds": metrics["folds"], "train_s_per_fold": _mean_sd(fit_s),
               "fold_wall_s": [f["seconds"] for f in metrics["folds"]], "classify_seqs_per_s": round(speed, 1),
-              "cv_dir": str(cv_dir), "load_avg_at_end": os.getloadavg()}
+              "cv_dir": str(cv_dir), "load_avg_at_end": os.getloadavg(), "engine": engine_metrics}
     if spec["open_set"]:
         import open_set
 
@@ -281,15 +296,22 @@ def _cell(value, spec: str = ".3f") -> str:
     return f"{value:{spec}}"
 
 
+def classifier_open_world(row: dict) -> dict:
+    from engine_rows import classifier_open_world as cells
+
+    return cells(row)
+
+
 def table_row(row: dict) -> str:
     """One Markdown row: metrics mean ± sd, open set, train s/fold, seqs/s, peak MiB (– where not measured)."""
     name = row["name"] + (f" ({row['label']})" if row.get("label") else "")
     if row["status"] != "ok":
-        return f"| {name} | " + " | ".join([row["status"]] + ["–"] * (len(METRIC_COLUMNS) + 3)) + " |"
+        return f"| {name} | " + " | ".join([row["status"]] + ["–"] * (len(METRIC_COLUMNS) + len(OTHER_COLUMNS) - 1)) + " |"
     m = row.get("metrics", {})
     cells = [_cell(m.get(key)) for key, _ in METRIC_COLUMNS]
-    open_set = row.get("open_set", {})
-    cells += [_cell(open_set.get("overclassified")), _cell(row.get("train_s_per_fold"), ".1f"),
+    world = row.get("open_world") or classifier_open_world(row)
+    cells += [_cell(world.get(column)) for column in OTHER_COLUMNS[:3]]
+    cells += [_cell(row.get("train_s_per_fold"), ".1f"),
               _cell(row.get("classify_seqs_per_s"), ".0f"), _cell(row.get("peak_mib"), ".0f")]
     return f"| {name} | " + " | ".join(cells) + " |"
 
@@ -354,7 +376,10 @@ def main(argv: list[str] | None = None) -> Path:
     work = Path(args.work or REPO / "runs" / "bench" / name).resolve()
     machine, started = machine_info(), time.strftime("%Y-%m-%d %H:%M %Z")
     prepared = prepare(args, work)
+    from engine_rows import engine_rows
+
     rows = [run_child(m, args, prepared, work) for m in args.models if m in IDENGINE_MODELS]
+    rows = [part for row in rows for part in [*engine_rows(row), row]]  # the engine first, then its parts
     wanted = [p for p in PEER_MODELS if p in args.models]
     rows += [run_peer_cached(p, args, prepared, work) for p in wanted]
     rerun = {r["name"] for r in rows if r["status"] == "ok"}

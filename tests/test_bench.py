@@ -18,8 +18,9 @@ sys.path.insert(0, str(REPO / "bench"))
 import peers  # noqa: E402
 import run_bench  # noqa: E402
 
-HEADER = ["model", "top-1", "macro F1", "top-5", "macro PR-AUC", "log loss", "ECE", "open set: overclassified",
-          "train s/fold", "classify seqs/s", "peak MiB"]
+HEADER = ["model", "top-1", "macro F1", "top-5", "macro PR-AUC", "log loss", "ECE", "known: species calls",
+          "open set: overclassified", "novel sp.: genus right", "train s/fold", "classify seqs/s", "peak MiB"]
+ENGINE_ROW = "idengine engine (classifier kmer-nb)"
 
 
 def run_cli(tmp: Path, models: list[str], folds_file: Path | None = None, timeout: int = 300) -> dict:
@@ -55,7 +56,8 @@ def test_table_has_every_column_and_row(bench_run):
     header = next(line for line in lines if line.startswith("| model"))
     assert [c.strip() for c in header.strip("|").split("|")] == HEADER
     body = [line for line in lines if line.startswith("| ") and not line.startswith("| model")]
-    assert [line.split("|")[1].strip() for line in body] == ["kmer-nb"]
+    names = [line.split("|")[1].strip() for line in body]
+    assert names[0] == ENGINE_ROW and names[1].startswith("index alone") and names[2:] == ["kmer-nb"]
     assert all(len(line.strip("|").split("|")) == len(HEADER) for line in body)
     for key in ("Machine:", "cores", "GiB RAM", "idengine commit", "folds from file"):
         assert key in bench_run["md"]
@@ -73,6 +75,25 @@ def test_numbers_equal_cv_metrics(bench_run):
     assert row["train_s_per_fold"]["mean"] >= 0 and row["peak_mib"] > 50 and row["classify_seqs_per_s"] > 0
     assert 0.0 <= row["open_set"]["overclassified"] <= 1.0
     assert row["open_set"]["n"] == bench_run["json"]["dataset"]["unknown"]
+
+
+def test_engine_rows_are_the_cv_engine_metrics(bench_run):
+    """The engine's row and the index-alone row are the nested cv numbers `idengine cv` writes, on the same folds."""
+    rows = {r["name"]: r for r in bench_run["json"]["rows"]}
+    cv = json.loads((bench_run["work"] / "cv" / "kmer-nb" / "metrics.json").read_text())["engine"]
+    engine = rows[ENGINE_ROW]
+    for key, _ in run_bench.METRIC_COLUMNS:
+        assert engine["metrics"][key] == cv["engine"][key]
+    assert engine["open_world"]["known: species calls"] == cv["engine"]["known_called_species"]
+    assert engine["open_world"]["open set: overclassified"] == cv["engine"]["over_classification"]
+    index = next(r for name, r in rows.items() if name.startswith("index alone"))
+    assert index["metrics"]["top1_acc"] == cv["index"]["top1_acc"]
+    assert engine["classify_seqs_per_s"] > 0
+    assert (bench_run["work"] / "cv" / "kmer-nb" / "engine").is_dir()  # what `idengine train` would need
+    line = next(line for line in bench_run["md"].splitlines() if line.startswith(f"| {ENGINE_ROW}"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[7] == f"{cv['engine']['known_called_species']['mean']:.3f} ± " \
+        f"{cv['engine']['known_called_species']['sd']:.3f}"
 
 
 def test_folds_come_from_the_file(bench_run):
@@ -136,4 +157,4 @@ def test_probe_and_transformer_rows_with_open_set(tmp_path):
     assert len(per_fold) == len(rows["tiny"]["folds"]) == 5
     assert rows["tiny"]["open_set"]["overclassified"] == pytest.approx(sum(per_fold) / len(per_fold))
     md_rows = [line for line in run["md"].splitlines() if line.startswith(("| probe", "| tiny"))]
-    assert len(md_rows) == 2 and all(line.split("|")[8].strip() not in ("", "–") for line in md_rows)
+    assert len(md_rows) == 2 and all(line.split("|")[9].strip() not in ("", "–") for line in md_rows)

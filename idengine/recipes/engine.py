@@ -236,11 +236,15 @@ def engine_cv(config: Config, records: pd.DataFrame, unknown: pd.DataFrame, labe
     scenarios = fill_answers(make_scenarios(records[records[C.FOLD] != C.TEST_FOLD], unknown,
                                             config.engine.novel_genus_share, config.engine.seed), visibility)
     sequence_of = dict(zip(reference[C.ID], reference[C.SEQUENCE]))
+    searched = time.time()
     hits = search_all(index, [sequence_of[r] for r in scenarios["record"]], scenarios, config)
+    searched = time.time() - searched
     views = _views(config, records, unknown, labels, results)
     taxa = ReferenceTaxa.from_rows(index.species, index.taxonomy.get("genus"))
     neighbours = neighbours_of(index, config)
+    built = time.time()
     options = query_options(config, scenarios, hits, taxa, views, labels, visibility, neighbours)
+    built = time.time() - built
     targets = assess.target_slots(options, scenarios["answer_kind"].to_numpy(), scenarios["answer"].to_numpy())
     scores = nested_scores(config, options, targets, scenarios)
     space = OptionSpace.from_taxonomy(reference)
@@ -257,7 +261,8 @@ def engine_cv(config: Config, records: pd.DataFrame, unknown: pd.DataFrame, labe
                                                        top_identity=hits.identity[:, 0])
     metrics = {"engine": _summarise(per_fold, "engine"), "index": _summarise(per_fold, "index"),
                "folds": per_fold, "queries": table["scenario"].value_counts().to_dict(),
-               "untrainable_queries": int((targets < 0).sum()), "seconds": round(time.time() - start, 1)}
+               "untrainable_queries": int((targets < 0).sum()), "seconds": round(time.time() - start, 1),
+               "seconds_search": round(searched, 1), "seconds_evidence": round(built, 1)}
     log.info("engine cv: %d queries (%s) in %.0f s", len(table), metrics["queries"], metrics["seconds"])
     return EngineRun(table, options, scores, metrics, neighbours)
 
