@@ -27,7 +27,7 @@ from idengine.deploy.classifiers import load_classifier
 from idengine.evaluate.calibrate import Calibrator
 from idengine.evaluate.calls import calls_for
 from idengine.reference.engine import Engine, load_engine
-from idengine.storage import file_sha256
+from idengine.storage import file_sha256, read_json
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +122,14 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
     path = Path(model_dir) / L.MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir}: no {L.MANIFEST}; pass the directory written by `idengine train`")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest = read_json(path)  # a truncated or edited one is refused naming it
+    if not isinstance(manifest, dict):
+        manifest = {}
     if manifest.get("format") != FORMAT or manifest.get("format_version", 0) != FORMAT_VERSION:
         raise ValueError(f"{path}: format {manifest.get('format')!r} v{manifest.get('format_version')} is not "
                          f"{FORMAT} v{FORMAT_VERSION}; export the model again with this idengine")
+    if not isinstance(manifest.get("files"), dict):
+        raise ValueError(f"{path}: no file list; the manifest was altered: export the model again")
     return manifest
 
 

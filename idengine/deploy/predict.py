@@ -6,7 +6,9 @@
 2. `PredictBatch` (a Ray Data `map_batches` callable run by an actor pool, one GPU per actor when the cluster has
    GPUs) loads the artifact once per actor and calls `Artifact.call_chunk` on the good records of each batch.
 3. The driver writes calls to `out` (CSV, or parquet when `out` ends in .parquet) and bad records to
-   `<out>.errors.csv` (id, record, reason, detail) as batches arrive, under temporary names renamed at the end.
+   `<out>.errors.csv` (id, record, reason, detail) as batches arrive, under temporary names renamed at the end, and
+   logs progress (records done, records/s) every PROGRESS_SECONDS. A killed run leaves only hidden temporaries, which
+   the next run removes; a full disk or file-size limit stops it with an InputError naming `out`, nothing written.
 Output columns: id, record (1-based position in the FASTA), length_bp, then the artifact's call columns
 (`deploy/artifact.py`).
 """
@@ -17,7 +19,6 @@ import logging
 import os
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,12 +38,13 @@ from idengine.data.clean import check_sequence
 from idengine.data.fasta import check_fasta_start, iter_fasta
 from idengine.deploy.artifact import CHUNK_COLUMNS, ERROR_COLUMNS, load_artifact, verify_artifact
 from idengine.errors import InputError
-from idengine.storage import publish_file
+from idengine.storage import out_of_space, publish_file, remove_stale_temps, temp_path
 
 log = logging.getLogger(__name__)
 
 CHUNK_RECORDS = 1024  # records per block read from the FASTA: memory stays flat whatever the file size
 BATCHES_PER_CALL = 8  # forward batches per Ray Data batch: sorting by length within it cuts padding
+PROGRESS_SECONDS = 10.0  # a progress line at most this often
 
 
 def iter_chunks(path: str | Path, cfg: DataConfig, chunk_records: int = CHUNK_RECORDS) -> Iterator[pd.DataFrame]:
@@ -104,13 +106,19 @@ class _Writer:
     """Appends calls (CSV or parquet) and bad records (CSV) under temporary names; `close` renames them."""
 
     def __init__(self, out: Path) -> None:
-        self.out, self.errors, tag = out, out.with_name(out.name + L.ERRORS_SUFFIX), uuid.uuid4().hex[:8]
-        self.tmp_out, self.tmp_errors = (out.with_name(f".{p.name}.{tag}.tmp") for p in (out, self.errors))
+        self.out, self.errors = out, out.with_name(out.name + L.ERRORS_SUFFIX)
+        for path in (self.out, self.errors):
+            remove_stale_temps(path)  # a killed run's temporaries (a run still going keeps its own)
+        self.tmp_out, self.tmp_errors = temp_path(self.out), temp_path(self.errors)
         self.parquet, self.n_calls, self.n_errors = out.suffix == ".parquet", 0, 0
         self.first_errors: list[tuple[str, str]] = []  # (id, reason) of the first bad records, for a message
         self.writer: pq.ParquetWriter | None = None
         self.columns: list[str] | None = None
-        pd.DataFrame(columns=ERROR_COLUMNS).to_csv(self.tmp_errors, index=False)
+        try:
+            pd.DataFrame(columns=ERROR_COLUMNS).to_csv(self.tmp_errors, index=False)
+        except BaseException:
+            self.tmp_errors.unlink(missing_ok=True)
+            raise
 
     def write(self, block: pd.DataFrame) -> None:
         bad = block["reason"] != ""
@@ -142,8 +150,11 @@ class _Writer:
         publish_file(self.tmp_out, self.out)
 
     def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        try:
+            if self.writer is not None:
+                self.writer.close()
+        except OSError:  # e.g. the disk is full: the temporaries go anyway
+            pass
         for path in (self.tmp_out, self.tmp_errors):
             path.unlink(missing_ok=True)
 
@@ -202,7 +213,7 @@ def _ray_blocks(model_dir: Path, sequences: Path, data_cfg: DataConfig, cfg: Pre
 
 def _local_blocks(model_dir: Path, sequences: Path, data_cfg: DataConfig, cfg: PredictConfig) -> Iterator[pd.DataFrame]:
     artifact = load_artifact(model_dir, verify=False)
-    for chunk in iter_chunks(sequences, data_cfg):
+    for chunk in iter_chunks(sequences, data_cfg, CHUNK_RECORDS):
         yield artifact.call_chunk(chunk, cfg.top_k, cfg.batch_size)
 
 
@@ -218,6 +229,23 @@ def _refuse_if_nothing_usable(writer: _Writer, sequences: Path) -> None:
                      "Nothing was written; pass a FASTA of DNA/RNA barcodes")
 
 
+class _Progress:
+    """Logs records done and records/s (over the last interval and since the start) every `every_s` seconds."""
+
+    def __init__(self, every_s: float | None = None) -> None:
+        self.every_s, self.start = PROGRESS_SECONDS if every_s is None else every_s, time.perf_counter()
+        self.last_time, self.last_done = self.start, 0
+
+    def update(self, writer: _Writer) -> None:
+        now, done = time.perf_counter(), writer.n_calls + writer.n_errors
+        if now - self.last_time < self.every_s:
+            return
+        log.info("predict: %d records done (%d called, %d not usable), %.0f records/s (%.0f since the start)", done,
+                 writer.n_calls, writer.n_errors, (done - self.last_done) / max(now - self.last_time, 1e-9),
+                 done / max(now - self.start, 1e-9))
+        self.last_time, self.last_done = now, done
+
+
 def predict_file(model_dir: str | Path, sequences_path: str | Path, out_path: str | Path,
                  predict_cfg: PredictConfig, use_ray: bool = True) -> Path:
     """Identify every sequence of a FASTA (plain or gzip, any size) with an exported model.
@@ -231,25 +259,28 @@ def predict_file(model_dir: str | Path, sequences_path: str | Path, out_path: st
 
     Returns:
         out_path as a Path; both files appear only when complete. Raises InputError when the sequences file is not
-        FASTA at all, ValueError / FileNotFoundError for a bad artifact.
+        FASTA at all or the disk fills up (or a file passes the size limit), ValueError / FileNotFoundError for a bad
+        artifact.
     """
     model_dir, sequences, out = Path(model_dir), Path(sequences_path), Path(out_path)
     verify_artifact(model_dir)
     data_cfg = load_config(model_dir / L.CONFIG_FILE).data
     check_fasta_start(sequences)
     out.parent.mkdir(parents=True, exist_ok=True)
-    writer = _Writer(out)
-    start = time.perf_counter()
+    writer, progress = None, _Progress()
     try:
+        writer = _Writer(out)
         blocks = _ray_blocks if use_ray else _local_blocks
         for block in blocks(model_dir, sequences, data_cfg, predict_cfg):
             writer.write(block)
+            progress.update(writer)
         _refuse_if_nothing_usable(writer, sequences)
         writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    seconds = time.perf_counter() - start
+    except BaseException as err:
+        if writer is not None:
+            writer.abort()
+        raise out_of_space(err, out) or err
+    seconds = time.perf_counter() - progress.start
     log.info("predict: %d records called, %d reported in %s, in %.1f s (%.0f records/s) -> %s", writer.n_calls,
              writer.n_errors, writer.errors.name, seconds, (writer.n_calls + writer.n_errors) / max(seconds, 1e-9), out)
     return out
