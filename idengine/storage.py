@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import sys
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 """A write failed for want of room: the disk or quota is full, or the file passed the size limit (`ulimit -f`)."""
+SPACE_TEXT = re.compile(r"No space left on device|File too large|Disk quota exceeded|os error (?:28|27|122)\b")
+"""The same, as libraries that do not raise OSError (safetensors' SafetensorError) word it."""
 TEMP_MARK = ".tmp-"
 
 
@@ -95,11 +98,15 @@ def out_of_space(err: BaseException, path: str | Path) -> InputError | None:
         except OSError as err:
             raise out_of_space(err, out) or err
     """
-    if not isinstance(err, OSError) or err.errno not in SPACE_ERRNOS:
+    if isinstance(err, OSError) and err.errno in SPACE_ERRNOS:
+        cause = os.strerror(err.errno) + (f": {err.filename}" if err.filename else "")
+    elif isinstance(err, Exception) and not isinstance(err, InputError) and SPACE_TEXT.search(str(err)):
+        cause = SPACE_TEXT.search(str(err)).group(0)
+    else:
         return None
-    return InputError(f"{path}: out of space / file too large while writing it ({os.strerror(err.errno)}"
-                      f"{f': {err.filename}' if err.filename else ''}); nothing was left half-written there. Free disk "
-                      "space (or raise the file-size limit, `ulimit -f`) and run the command again")
+    return InputError(f"{path}: out of space / file too large while writing it ({cause}); nothing was left "
+                      "half-written there. Free disk space (or raise the file-size limit, `ulimit -f`) and run the "
+                      "command again")
 
 
 def _owner() -> str:
@@ -209,7 +216,7 @@ def building(out: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         publish_dir(tmp, out)
-    except OSError as err:
+    except Exception as err:
         raise out_of_space(err, out) or err
     finally:
         if tmp.exists():

@@ -157,6 +157,32 @@ def test_prepare_past_the_file_size_limit_fails_clearly_and_leaves_nothing(tmp_p
     assert list(tmp_path.iterdir()) == []  # no prepared/, no staging directory beside it
 
 
+SAFETENSORS_UNDER_LIMIT = """
+import sys
+import numpy as np
+from safetensors.numpy import save_file
+from idengine.errors import InputError
+from idengine.storage import building
+try:
+    with building(sys.argv[1]) as tmp:
+        save_file({"w": np.zeros(100_000, dtype=np.float32)}, str(tmp / "model.safetensors"))
+except InputError as err:
+    print(err)
+    sys.exit(2)
+"""
+
+
+def test_a_library_that_words_a_full_disk_its_own_way_is_still_understood(tmp_path):
+    """safetensors raises its own SafetensorError ("... (os error 27)"), not OSError: `building` still names the
+    output and the cause, and removes the staging directory."""
+    out = tmp_path / "model"
+    done = subprocess.run([sys.executable, "-c", SAFETENSORS_UNDER_LIMIT, str(out)], capture_output=True, text=True,
+                          timeout=120, preexec_fn=_limited(64 * 1024))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stdout.startswith(f"{out}: {FULL}") and "(File too large)" in done.stdout, done.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
 PREDICT_UNDER_LIMIT = """
 import sys
 from idengine.config import PredictConfig
