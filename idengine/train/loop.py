@@ -28,7 +28,7 @@ from idengine.data.splits import train_eval_sample
 from idengine.data.tokenize import PAD_ID, collate
 from idengine.layout import INPUT_IDS, LABEL
 from idengine.models.inference import autocast_dtype_for, forward_logits
-from idengine.models.transformer import load_trainable_state, trainable_state_dict, unwrap
+from idengine.models.transformer import half_base_dtype, load_trainable_state, trainable_state_dict, unwrap
 from idengine.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,26 @@ def _optimizer_step(params, optimizer, scheduler, scaler) -> None:
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def grad_scaler_for(model: nn.Module, autocast_dtype: torch.dtype | None, device: torch.device
+                    ) -> torch.amp.GradScaler | None:
+    """A GradScaler when the forward runs in fp16: fp16 autocast, or a frozen fp16 base (`model.base_dtype=fp16`,
+    even without autocast). Gradients flowing back through fp16 activations underflow to zero unless the loss is
+    scaled; the scaler also skips a step whose gradients overflowed, so no inf or NaN reaches the fp32 weights."""
+    if autocast_dtype == torch.float16 or half_base_dtype(model) == torch.float16:
+        return torch.amp.GradScaler(device.type)
+    return None
+
+
+def warn_half_base_on_cpu(model: nn.Module, device: torch.device) -> None:
+    """`model.base_dtype` bf16/fp16 is for GPUs: CPUs without AVX512-BF16/AMX have no fast half-precision matmul, so
+    a step there runs several times slower than over an fp32 base (bench/results/full_scale.json)."""
+    half = half_base_dtype(model)
+    if half is not None and device.type == "cpu":
+        log.warning("model.base_dtype=%s on a CPU: half-precision matmuls are slow on most CPUs (the 2.5B measured "
+                    "~3x slower per step at 1 x 4 tokens; a backward matmul of 256 tokens ~140x); use "
+                    "model.base_dtype=fp32 on a CPU", {torch.bfloat16: "bf16", torch.float16: "fp16"}[half])
 
 
 def train_epoch(
@@ -290,11 +310,11 @@ def run_training(
         The TrainOutcome; the model is left holding the best epoch's trainable parameters.
     """
     autocast_dtype = autocast_dtype_for(cfg.precision, device)
+    warn_half_base_on_cpu(model, device)
     optimizer = build_optimizer(model, cfg)
     run = _Run(optimizer, build_scheduler(optimizer, cfg, cfg.epochs * math.ceil(data.steps_per_epoch /
                                                                               cfg.grad_accum_steps)),
-               torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None, autocast_dtype,
-               config_yaml)
+               grad_scaler_for(model, autocast_dtype, device), autocast_dtype, config_yaml)
     state, best_state, best_logits, eval_labels = TrainState(), None, None, None
     if resume_dir is not None:
         state, best_state, best_logits = load_checkpoint(resume_dir, model, run.optimizer, run.scheduler, run.scaler)
