@@ -36,6 +36,8 @@ EXAMPLE = REPO / "examples" / "12s-fish-mini"
 VENV_BIN = Path(sys.executable).parent
 IDENGINE = str(VENV_BIN / "idengine")
 PROGRESS = re.compile(r"predict: (\d+) records done .*?, (\d+) records/s \((\d+) since the start\)")
+OBJECT_STORE = re.compile(r"Active & requested resources: .*?([\d.]+)(KiB|MiB|GiB|B)/([\d.]+)(KiB|MiB|GiB) object store")
+UNIT_MIB = {"B": 2**-20, "KiB": 2**-10, "MiB": 1, "GiB": 1024}
 
 
 def cli_env(**extra: str) -> dict[str, str]:
@@ -195,6 +197,13 @@ def progress_lines(log_path: Path) -> list[dict]:
             for m in PROGRESS.finditer(log_path.read_text(errors="replace"))]
 
 
+def object_store_mib(text: str) -> dict:
+    """Peak object-store use of the predict dataset, and its cap, from Ray Data's progress lines."""
+    seen = [(float(m[1]) * UNIT_MIB[m[2]], float(m[3]) * UNIT_MIB[m[4]]) for m in OBJECT_STORE.finditer(text)]
+    return {"peak_object_store_mib": round(max(u for u, _ in seen), 1) if seen else None,
+            "object_store_cap_mib": seen[-1][1] if seen else None}
+
+
 def measure_size(model: Path, work: Path, n: int) -> dict:
     """One query file of n records through `idengine predict`: time, memory, progress, what was written."""
     start = time.perf_counter()
@@ -209,6 +218,7 @@ def measure_size(model: Path, work: Path, n: int) -> dict:
     result = {"records": n, "query_file_mib": round(queries.stat().st_size / 2**20, 1),
               "query_file_written_s": round(made_s, 1), **run, "calls_rows": calls,
               "predict_s": float(final[3]) if final else None, "records_per_s": int(final[4]) if final else None,
+              **object_store_mib(text),
               "progress_lines": len(progress), "progress_first": progress[:1], "progress_last": progress[-1:],
               "spilled": re.findall(r"Spilled [^\n]*", text)[:3]}
     queries.unlink()  # gigabytes at the largest sizes; regenerated the same from the seed

@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 CHUNK_RECORDS = 1024  # records per block read from the FASTA: memory stays flat whatever the file size
 BATCHES_PER_CALL = 8  # forward batches per Ray Data batch: sorting by length within it cuts padding
 PROGRESS_SECONDS = 10.0  # a progress line at most this often
+READ_AHEAD_BYTES = 64 << 20
+"""Object-store memory the predict dataset may hold. Without a cap, Ray Data reads the whole query file into the
+object store ahead of the actors (its default budget is a share of the store: gigabytes); with it, the reader waits."""
 
 
 def iter_chunks(path: str | Path, cfg: DataConfig, chunk_records: int = CHUNK_RECORDS) -> Iterator[pd.DataFrame]:
@@ -194,7 +197,9 @@ def call_blocks(ds: ray.data.Dataset, model_dir: Path, cfg: PredictConfig) -> It
     actors, use_gpu = _actor_pool(cfg)
     files = _artifact_files(model_dir)
     log.info("predict: %d actor(s)%s", actors, " with 1 GPU each" if use_gpu else "")
-    ds.context.execution_options.preserve_order = True  # calls come out in input order
+    options = ds.context.execution_options
+    options.preserve_order = True  # calls come out in input order
+    options.resource_limits = options.resource_limits.copy(object_store_memory=READ_AHEAD_BYTES)
     calls = ds.map_batches(
         PredictBatch,
         fn_constructor_kwargs={"model_dir": str(model_dir.resolve()), "top_k": cfg.top_k,
