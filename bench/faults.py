@@ -109,14 +109,19 @@ def predict_killed(model: Path, queries: Path, work: Path, reference: dict) -> d
             rows = sum(1 for _ in open(temps[0])) - 1 if temps and temps[0].stat().st_size else 0
             return rows if rows >= max(1, share * N_QUERIES) else None
 
-        kill = kill_when(start(predict_args(model, queries, out), d / "killed.log"), rows_written)
+        for attempt in range(3):  # Ray may fail to start on a loaded machine ("node timed out during startup")
+            kill = kill_when(start(predict_args(model, queries, out), d / "killed.log"), rows_written)
+            if kill["exit_code"] == -9 or "timed out during startup" not in (d / "killed.log").read_text():
+                break
+        kill["ray_start_failures"] = attempt
         after_kill = {"calls_csv_exists": out.exists(), "errors_csv_exists": (d / "calls.csv.errors.csv").exists(),
                       "hidden_temporaries": len(leftovers(d, "calls.csv") + leftovers(d, "calls.csv.errors.csv"))}
         rerun = timed_predict(model, queries, out)
         log = (d / "calls.csv.log").read_text(errors="replace")
         points.append({"kill_when_rows_written": max(1, int(share * N_QUERIES)),
                        "rows_in_temporary_at_kill": kill["seen"],
-                       "killed_after_s": kill["killed_after_s"], "killed_exit_code": kill["exit_code"], **after_kill,
+                       "killed_after_s": kill["killed_after_s"], "killed_exit_code": kill["exit_code"],
+                       "ray_start_failures_before": kill["ray_start_failures"], **after_kill,
                        "rerun_exit_code": rerun["exit_code"], "rerun_s": rerun["seconds"],
                        "rerun_removed_leftovers": "leftover(s) of interrupted runs" in log,
                        "left_after_rerun": leftovers(d, "calls.csv") + leftovers(d, "calls.csv.errors.csv"),
