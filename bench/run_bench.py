@@ -27,6 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
+from engine_rows import classifier_open_world, engine_rows  # noqa: E402 (bench/, on the path above)
+
 log = logging.getLogger("bench")
 
 IDENGINE_MODELS = ("kmer-nb", "kmer-linear", "tiny", "probe")
@@ -296,12 +298,6 @@ def _cell(value, spec: str = ".3f") -> str:
     return f"{value:{spec}}"
 
 
-def classifier_open_world(row: dict) -> dict:
-    from engine_rows import classifier_open_world as cells
-
-    return cells(row)
-
-
 def table_row(row: dict) -> str:
     """One Markdown row: metrics mean ± sd, open set, train s/fold, seqs/s, peak MiB (– where not measured)."""
     name = row["name"] + (f" ({row['label']})" if row.get("label") else "")
@@ -376,8 +372,6 @@ def main(argv: list[str] | None = None) -> Path:
     work = Path(args.work or REPO / "runs" / "bench" / name).resolve()
     machine, started = machine_info(), time.strftime("%Y-%m-%d %H:%M %Z")
     prepared = prepare(args, work)
-    from engine_rows import engine_rows
-
     rows = [run_child(m, args, prepared, work) for m in args.models if m in IDENGINE_MODELS]
     rows = [part for row in rows for part in [*engine_rows(row), row]]  # the engine first, then its parts
     wanted = [p for p in PEER_MODELS if p in args.models]
