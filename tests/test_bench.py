@@ -105,6 +105,36 @@ def test_folds_come_from_the_file(bench_run):
     assert "test" not in set(records["fold"])
 
 
+def test_engine_ceiling_reads_the_cv_and_counts_each_query_once(bench_run, tmp_path):
+    """bench/engine_ceiling.py on the cv's engine outputs: shares that partition each scenario, checked per query."""
+    import numpy as np
+
+    from idengine.recipes.engine import read_engine
+    from idengine.reference.evidence import FEATURES
+
+    cv, out = bench_run["work"] / "cv" / "kmer-nb", tmp_path / "ceiling.json"
+    subprocess.run([sys.executable, str(REPO / "bench" / "engine_ceiling.py"), str(cv), "--out", str(out)],
+                   check=True, cwd=REPO, capture_output=True, timeout=120)
+    report = json.loads(out.read_text())
+    scenarios, options, _ = read_engine(cv)
+    div, has_hit = FEATURES.index("sp_div"), FEATURES.index("sp_has_hit")
+    alone = []
+    for q in np.flatnonzero((scenarios["scenario"] == "known").to_numpy()):
+        rows = (options.query == q) & (options.kind == 0) & (options.features[:, has_hit] > 0)
+        best = options.features[rows, div].min() if rows.any() else None
+        at_best = set(options.name[rows][options.features[rows, div] <= best + 1e-9]) if rows.any() else set()
+        alone.append(at_best == {scenarios["truth_species"].iloc[q]})
+    known = report["resolvability"]["known"]
+    assert known["queries"] == len(alone) > 0
+    assert known["truth_alone_at_best_identity"] == round(float(np.mean(alone)), 4)
+    shares = ("truth_alone_at_best_identity", "truth_tied_at_best_identity", "truth_not_at_best_identity")
+    assert abs(sum(known[k] for k in shares) - 1) < 1e-3
+    is_known = scenarios["scenario"] == "known"
+    for row in report["tradeoff_pooled"]:
+        assert row["known_called"] == round(float((scenarios.loc[is_known, "species_prob"] >= row["threshold"])
+                                                  .mean()), 4)
+
+
 @pytest.mark.integration
 @pytest.mark.skipif(any(peers.missing_binaries(p) for p in peers.PEERS), reason="BLAST+/VSEARCH not installed")
 def test_peers_scored_on_the_same_folds(tmp_path):
