@@ -2,6 +2,7 @@
 line, with what each leaves behind. Writes bench/results/faults.json; tests/test_faults.py runs the cheap cases.
 
     python bench/faults.py --out bench/results/faults.json        # about 15 minutes on 2 cores
+    python bench/faults.py --only out_of_space                    # one fault again, the others' results kept
 
 1. predict killed (SIGKILL to its process group: driver, raylet, actor) at two points of a query file: no calls file
    and no errors file appear; a rerun removes the killed run's temporaries and writes byte-identical files.
@@ -309,10 +310,20 @@ def out_of_space(model: Path, work: Path, queries: Path) -> dict:
     return {"fault": "a write that runs out of space", "ok": all(c["ok"] is not False for c in cases), "cases": cases}
 
 
+FAULTS = {"predict_killed": "idengine predict killed mid-file, then rerun",
+          "concurrent": "two idengine predict processes on one artifact at the same time",
+          "train_killed": "idengine train killed during export",
+          "tampered": "an artifact with one altered file",
+          "out_of_space": "a write that runs out of space"}
+"""The faults main() runs, in order, by the name --only takes and the "fault" their result carries."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench-faults")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "faults.json")
+    parser.add_argument("--only", nargs="+", choices=sorted(FAULTS), help="rerun these faults only; the other "
+                        "results in --out are kept (each result says its own commit)")
     args = parser.parse_args()
     model = build_artifact(args.work)
     queries = write_queries(args.work / "faults-queries.fasta", N_QUERIES)
@@ -321,12 +332,20 @@ def main() -> None:
     (args.work / "reference").mkdir(exist_ok=True)
     reference = timed_predict(model, queries, args.work / "reference" / "calls.csv")
     results = [{"fault": "reference: one uninterrupted predict", "ok": reference["exit_code"] == 0, **reference}]
-    for case in (lambda: predict_killed(model, queries, args.work, reference),
-                 lambda: concurrent(model, queries, args.work, reference), lambda: train_killed(model, args.work),
-                 lambda: tampered(model, args.work, queries), lambda: out_of_space(model, args.work, queries)):
-        results.append(case())
-        print(json.dumps({k: results[-1][k] for k in ("fault", "ok")}), flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    runs = {"predict_killed": lambda: predict_killed(model, queries, args.work, reference),
+            "concurrent": lambda: concurrent(model, queries, args.work, reference),
+            "train_killed": lambda: train_killed(model, args.work),
+            "tampered": lambda: tampered(model, args.work, queries),
+            "out_of_space": lambda: out_of_space(model, args.work, queries)}
+    before = json.loads(args.out.read_text()) if args.only and args.out.exists() else {"results": []}
+    kept = [{"commit": before.get("commit"), "date": before.get("date"), **r} for r in before["results"]]
+    for name in FAULTS:
+        if args.only and name not in args.only:
+            results.append(next(r for r in kept if r["fault"] == FAULTS[name]))
+            continue
+        results.append({**runs[name](), "commit": commit.stdout.strip()})
+        print(json.dumps({k: results[-1][k] for k in ("fault", "ok")}), flush=True)
     report = {"command": " ".join(["python", "bench/faults.py", *sys.argv[1:]]),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit.stdout.strip(),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg": os.getloadavg()},
