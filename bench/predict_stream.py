@@ -231,13 +231,14 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench-faults")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "predict_stream.json")
     args = parser.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     model = build_artifact(args.work)
     rows = []
     for n in args.sizes:
         rows.append(measure_size(model, args.work, n))
         print(json.dumps(rows[-1]), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    report = {"command": " ".join(["python", "bench/predict_stream.py", *sys.argv[1:]]),
+    report = {"command": " ".join(["python", "bench/predict_stream.py", *sys.argv[1:]]), "started": started,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit.stdout.strip(),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg": os.getloadavg()},
               "artifact": "examples/12s-fish-mini, model.kind=kmer-nb, engine over 415 reference records",
