@@ -344,7 +344,8 @@ def main() -> None:
         if args.only and name not in args.only:
             results.append(next(r for r in kept if r["fault"] == FAULTS[name]))
             continue
-        results.append({**runs[name](), "commit": commit.stdout.strip()})
+        results.append({**runs[name](), "commit": commit.stdout.strip(),
+                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
         print(json.dumps({k: results[-1][k] for k in ("fault", "ok")}), flush=True)
     report = {"command": " ".join(["python", "bench/faults.py", *sys.argv[1:]]),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit.stdout.strip(),
