@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,8 +29,9 @@ import numpy as np
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
+from run_bench import git_commit  # noqa: E402
 from idengine.recipes.engine import read_engine  # noqa: E402
 from idengine.reference.evidence import FEATURES, SPECIES  # noqa: E402
 
@@ -97,9 +97,8 @@ def main() -> None:
     scenarios, options, _ = read_engine(args.cv)
     species = best_identity_species(options)
     engine_metrics = json.loads((args.cv / "metrics.json").read_text()).get("engine", {}).get("engine", {})
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     report = {"command": " ".join(["python", "bench/engine_ceiling.py", *sys.argv[1:]]),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit.stdout.strip(),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_commit(),
               "cv": str(args.cv), "queries": scenarios["scenario"].value_counts().to_dict(),
               "resolvability": {k: resolvability(scenarios, species, k) for k in ("known", "known_rare")},
               "tradeoff_pooled": tradeoff(scenarios),

@@ -33,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from predict_stream import IDENGINE, REPO, build_artifact, cli_env, mutated_records, write_queries  # noqa: E402
+from run_bench import git_commit  # noqa: E402
 
 N_QUERIES = 2500
 BAD_RECORDS = ">protein_rec\nMKVLAAGIVGLLLAQEWRSTPYHDGGKVLAAGIVGLLLAQEWRSTPYHDGG\n>empty_rec\n\n"
@@ -332,7 +333,7 @@ def main() -> None:
     (args.work / "reference").mkdir(exist_ok=True)
     reference = timed_predict(model, queries, args.work / "reference" / "calls.csv")
     results = [{"fault": "reference: one uninterrupted predict", "ok": reference["exit_code"] == 0, **reference}]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    commit = git_commit()
     runs = {"predict_killed": lambda: predict_killed(model, queries, args.work, reference),
             "concurrent": lambda: concurrent(model, queries, args.work, reference),
             "train_killed": lambda: train_killed(model, args.work),
@@ -344,11 +345,11 @@ def main() -> None:
         if args.only and name not in args.only:
             results.append(next(r for r in kept if r["fault"] == FAULTS[name]))
             continue
-        results.append({**runs[name](), "commit": commit.stdout.strip(),
+        results.append({**runs[name](), "commit": commit,
                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
         print(json.dumps({k: results[-1][k] for k in ("fault", "ok")}), flush=True)
     report = {"command": " ".join(["python", "bench/faults.py", *sys.argv[1:]]),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit.stdout.strip(),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg": os.getloadavg()},
               "artifact": "examples/12s-fish-mini, model.kind=kmer-nb, engine over 415 reference records",
               "queries": f"{N_QUERIES} mutated 12S records + 2 unusable ones", "results": results,

@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 from predict_stream import run_measured, write_queries  # noqa: E402
+from run_bench import git_commit  # noqa: E402
 
 CHILD = """
 import json, re, sys, time
@@ -39,7 +40,6 @@ def rss(field):
     return int(re.search(field + r":\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
 
 mode, model, queries = sys.argv[1:]
-from idengine.config import DataConfig
 from idengine.deploy.artifact import load_artifact
 from idengine.deploy.predict import CHUNK_RECORDS, iter_chunks
 from idengine.reference.index import load_index
@@ -92,10 +92,9 @@ def main() -> None:
         rows["predict_end_to_end"] = run_measured(["predict", "--model", str(args.model), "--sequences",
                                                    str(queries), "--out", str(tmp / "calls.csv")],
                                                   tmp / "predict.log")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     manifest = json.loads((args.model / "idengine.json").read_text())
     report = {"command": " ".join(["python", "bench/index_memory.py", *sys.argv[1:]]),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit.stdout.strip(),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_commit(),
               "artifact": str(args.model), "model_kind": manifest.get("kind"), "num_labels": manifest.get("num_labels"),
               "queries": f"{args.queries} mutated records of examples/12s-fish-mini (bench/predict_stream.py)",
               **rows}

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from run_bench import git_commit  # bench/ is on the path: this script's folder, or added by tests
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "12s-fish-mini"
 VENV_BIN = Path(sys.executable).parent
@@ -231,7 +233,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench-faults")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "predict_stream.json")
     args = parser.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    commit = git_commit()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     model = build_artifact(args.work)
     rows = []
@@ -239,7 +241,7 @@ def main() -> None:
         rows.append(measure_size(model, args.work, n))
         print(json.dumps(rows[-1]), flush=True)
     report = {"command": " ".join(["python", "bench/predict_stream.py", *sys.argv[1:]]), "started": started,
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit.stdout.strip(),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg": os.getloadavg()},
               "artifact": "examples/12s-fish-mini, model.kind=kmer-nb, engine over 415 reference records",
               "sizes": rows}
