@@ -16,10 +16,10 @@ from idengine import layout as C
 from idengine.config import DataConfig
 from idengine.data.clean import check_sequence
 from idengine.data.fasta import read_fasta
+from idengine.reference.align import align_pair
 from idengine.reference.index import (
     Exclusions,
     Hits,
-    align_pair,
     build_index,
     candidates,
     kmer_pairs,

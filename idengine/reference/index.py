@@ -1,5 +1,5 @@
 """Step 10a, reference index: every reference record's sampled k-mers (the prefilter) and its sequence; a query's
-top candidates by shared k-mers are aligned with parasail and scored as VSEARCH's identity (`--iddef 2`).
+top candidates by shared k-mers are aligned (`align.py`, parasail) and scored as VSEARCH's identity (`--iddef 2`).
 """
 
 from __future__ import annotations
@@ -14,22 +14,22 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import parasail
 import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from idengine import layout as C
+from idengine.reference.align import align_candidates
 from idengine.storage import publish_file
 
 log = logging.getLogger(__name__)
 
-MATCH, MISMATCH, GAP_OPEN, GAP_EXTEND = 2, -4, 20, 2
-"""VSEARCH's scores: an internal gap of length L costs GAP_OPEN + L * GAP_EXTEND; N scores 0 against anything."""
-CHUNK_CELLS, MAX_CHUNK = 2**24, 256
-"""Queries are prefiltered in chunks of about CHUNK_CELLS (query, reference) cells (the dense working set)."""
+CHUNK_CELLS, MAX_CHUNK = 2**24, 64
+"""Queries are prefiltered in chunks of about CHUNK_CELLS (query, reference) cells (the dense working set), at most
+MAX_CHUNK: on 12s-fish (24,934 references) 256 queries at once set predict's peak RSS (+80 MiB over 64) and ran no
+faster (bench/results/index_memory.json)."""
 MIN_COLUMNS = 32  # fewer alignment columns are no hit: a few bases match something at 100 % (a 10-bp query)
-BUILD_BLOCK = 4_000  # sequences whose k-mers are extracted at once while building: bounds the int64 temporaries
+BUILD_BLOCK = 1_000  # sequences whose k-mers are extracted at once while building: bounds the int64 temporaries
 _CODE = np.full(256, 4, dtype=np.uint8)
 _CODE[np.frombuffer(b"ACGT", dtype=np.uint8)] = np.arange(4, dtype=np.uint8)
 _VALID = np.zeros(256, dtype=bool)
@@ -149,15 +149,19 @@ def kmer_pairs(sequences: Sequence[str], k: int, sampling: int = 1) -> tuple[np.
 
 
 def _postings(sequences: np.ndarray, k: int, sampling: int) -> tuple[np.ndarray, ...]:
-    """vocab, post_ptr, post_refs, n_kmers: k-mers in blocks of sequences, then one in-place sort of (k-mer << 32 |
-    reference) keys; the peak is about 16 bytes per (reference, k-mer) pair plus one block's temporaries."""
-    keys, n_kmers = [], []
+    """vocab, post_ptr, post_refs, n_kmers: k-mers in blocks of sequences, written into one (k-mer << 32 | reference)
+    key array sized for every window (pages past the pairs found are never touched, so they cost no memory), then
+    one in-place sort; the peak is about 12 bytes per (reference, k-mer) pair plus one block's temporaries."""
+    bound = sum(max(len(s) - k + 1, 0) for s in sequences)
+    key, filled, n_kmers = np.empty(max(bound, 1), dtype=np.int64), 0, []
     for start in range(0, len(sequences), BUILD_BLOCK):
         ref, kmer = kmer_pairs(list(sequences[start:start + BUILD_BLOCK]), k, sampling)
-        keys.append((kmer << 32) | (ref + start))
+        part = key[filled:filled + ref.size]
+        np.left_shift(kmer, 32, out=part)
+        part |= ref + start
+        filled += ref.size
         n_kmers.append(np.bincount(ref, minlength=min(BUILD_BLOCK, len(sequences) - start)))
-    key = np.concatenate(keys)
-    del keys
+    key = key[:filled]
     key.sort()
     post_refs = key.astype(np.int32)  # the low 32 bits, the reference: the cast truncates, no int64 temporary
     key >>= 32  # in place: the k-mer of each pair, sorted
@@ -168,8 +172,11 @@ def _postings(sequences: np.ndarray, k: int, sampling: int) -> tuple[np.ndarray,
 
 
 def _text(values: Any) -> np.ndarray:
-    """Object array of str, None where missing (None, NaN or an empty string)."""
-    return np.array([None if pd.isna(v) or str(v) == "" else str(v) for v in values], dtype=object)
+    """Object array of str, None where missing (None, NaN or an empty string); equal values share one str object
+    (a genus repeated over 10^5 records costs a pointer per record, not a string)."""
+    codes, names = pd.factorize(pd.Series([None if pd.isna(v) or str(v) == "" else str(v) for v in values],
+                                          dtype=object))
+    return np.append(np.asarray(names, dtype=object), None)[codes]
 
 
 def _codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -286,62 +293,6 @@ def candidates(index: ReferenceIndex, queries: Sequence[str], n: int = 16, exclu
     return np.concatenate(out_ref), np.concatenate(out_score)
 
 
-_MATRIX = parasail.matrix_create("ACGTN", MATCH, MISMATCH)
-for _i in range(5):  # N scores 0 against anything, as VSEARCH's ambiguous symbols
-    _MATRIX.set_value(_i, 4, 0)
-    _MATRIX.set_value(4, _i, 0)
-_EQ, _X, _INS, _DEL = 7, 8, 1, 2  # parasail/BAM cigar op codes: '=', 'X', 'I' (query base), 'D' (target base)
-
-
-def cigar_stats(ops: list[int], lens: list[int], query: str, target: str, q0: int = 0,
-                t0: int = 0) -> tuple[int, int, int]:
-    """(matches, mismatches, columns) of cigar runs from query[q0], target[t0], VSEARCH style: columns without one
-    leading and one trailing gap run (align_trim), a mismatch with an N is a match. Plain Python: numpy's per-call
-    overhead on a few dozen runs was a third of the alignment's time."""
-    matches = mism = total = 0
-    i, j, any_n = q0, t0, "N" in query or "N" in target
-    for op, n in zip(ops, lens):
-        total += n
-        if op == _EQ:
-            matches += n
-        elif op == _X:
-            with_n = sum(a == "N" or b == "N" for a, b in zip(query[i:i + n], target[j:j + n])) if any_n else 0
-            matches, mism = matches + with_n, mism + n - with_n
-        i += n if op != _DEL else 0
-        j += n if op != _INS else 0
-    lead = lens[0] if ops and ops[0] in (_INS, _DEL) else 0
-    trail = lens[-1] if len(ops) > 1 and ops[-1] in (_INS, _DEL) else 0
-    return matches, mism, total - lead - trail
-
-
-def align_pair(query: str, target: str) -> tuple[int, int, int]:
-    """(matches, mismatches, columns) of parasail's semi-global alignment with VSEARCH's scores (free end gaps
-    where VSEARCH charges 2 + 1/base: the same identity on 99.9 % of 12S hits); 32 bits when 16 saturate (> 16 kb)."""
-    if not query or not target:
-        return 0, 0, 0
-    result = parasail.sg_trace_scan_16(query, target, GAP_OPEN + GAP_EXTEND, GAP_EXTEND, _MATRIX)
-    if result.saturated:
-        result = parasail.sg_trace_scan_32(query, target, GAP_OPEN + GAP_EXTEND, GAP_EXTEND, _MATRIX)
-    cigar = result.cigar
-    seq = cigar.seq.tolist()
-    return cigar_stats([x & 0xF for x in seq], [x >> 4 for x in seq], query, target, cigar.beg_query, cigar.beg_ref)
-
-
-def _align(index: ReferenceIndex, queries: list[str], ref: np.ndarray) -> tuple[np.ndarray, ...]:
-    """identity, coverage, overlap (NaN where no candidate) and columns of each query against its candidates."""
-    ident, cover, over = (np.full(ref.shape, np.nan) for _ in range(3))
-    cols = np.zeros(ref.shape, dtype=np.int64)
-    for i, query in enumerate(queries):
-        for j, r in enumerate(ref[i].tolist()):
-            if r >= 0:
-                target = index.sequences[r]
-                matches, mism, cols[i, j] = align_pair(query, target)
-                ident[i, j] = matches / cols[i, j] if cols[i, j] else 0.0
-                cover[i, j] = (matches + mism) / len(query)
-                over[i, j] = (matches + mism) / min(len(query), len(target))
-    return ident, cover, over, cols
-
-
 def search(index: ReferenceIndex, queries: Sequence[str], n: int = 16, min_overlap: float = 0.3,
            exclude: Exclusions | None = None, chunk: int | None = None) -> Hits:
     """Prefilter then alignment: each query's best references by identity.
@@ -363,7 +314,7 @@ def search(index: ReferenceIndex, queries: Sequence[str], n: int = 16, min_overl
     """
     queries = list(queries)
     ref, score = candidates(index, queries, n, exclude, chunk)
-    ident, cover, over, cols = _align(index, queries, ref)
+    ident, cover, over, cols = align_candidates(index.sequences, queries, ref)
     empty = (ref < 0) | (cols < MIN_COLUMNS) | ~(over >= min_overlap)
     ref, cols = np.where(empty, -1, ref), np.where(empty, 0, cols)
     ident, cover, over, score = (np.where(empty, np.nan, a) for a in (ident, cover, over, score))
@@ -396,4 +347,8 @@ def load_index(path: Path, k: int = 10, sampling: int = 2) -> ReferenceIndex:
     Returns:
         The index: `search` gives the same hits as on the saved one (fold/group exclusions aside).
     """
-    return build_index(pq.read_table(Path(path)).to_pandas(), k=k, sampling=sampling)
+    table = pq.read_table(Path(path), use_threads=False).to_pandas()  # one small file: threads only add buffers
+    index = build_index(table, k=k, sampling=sampling)
+    del table
+    pa.default_memory_pool().release_unused()  # the decoded file's buffers: Arrow's pool keeps them otherwise
+    return index
