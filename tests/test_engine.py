@@ -161,6 +161,13 @@ def test_exported_engine_calls_with_probabilities_and_nearest_reference(engine_r
     # terminal gaps do not count, as in VSEARCH; ties go to the first reference row)
     assert (calls["nearest_identity"] == 1.0).all() and calls["nearest_id"].isin(records[C.ID]).all()
     assert ((calls["p_novel_species"] >= 0) & (calls["p_novel_species"] <= 1)).all()
+    # the top species come from the sparse rows: best first, reference species, "" with 0 past a query's options
+    names = calls[[f"top{j}_species" for j in range(1, 6)]].to_numpy()
+    probs = calls[[f"top{j}_prob" for j in range(1, 6)]].to_numpy(dtype=float)
+    assert (np.diff(probs, axis=1) <= 1e-12).all() and ((names == "") == (probs == 0)).all()
+    assert set(names[names != ""]) <= set(records[C.SPECIES]) and (probs[:, 0] > 0).all()
+    species_call = (calls["call_rank"] == "species").to_numpy()
+    assert (calls["call"].to_numpy()[species_call] == names[species_call, 0]).all()
     nothing = artifact.calls(["q"], ["ACGT" * 30])  # a query that aligns to nothing
     assert nothing["call"].iloc[0] == nothing["call_rank"].iloc[0] == "unassigned"
     assert np.isnan(nothing["nearest_identity"].iloc[0]) and not nothing["nearest_id"].iloc[0]  # empty cells

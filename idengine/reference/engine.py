@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
 from idengine import layout as L
 from idengine.config import EngineConfig
@@ -80,15 +81,21 @@ class Engine:
         return pd.concat([calls.drop(columns=["species", "species_prob"]), self._top_species(p, top_k)], axis=1)
 
     def _top_species(self, p, k: int) -> pd.DataFrame:
-        """The k most probable reference species of each query and their probabilities."""
-        n = len(self.space.species)
-        dense = p[:, :n].toarray() if p.shape[0] else np.zeros((0, n))
-        k = min(k, n)
-        top = np.argsort(-dense, axis=1, kind="stable")[:, :k]
+        """The k most probable reference species of each query and their probabilities ("" and 0 past a query's
+        last species option), read from the sparse rows: a dense (queries x species) copy would cost 8 bytes per
+        reference species per query, the largest block of a call on a big reference."""
+        q = sparse.csr_array(p[:, :len(self.space.species)])
+        row = np.repeat(np.arange(q.shape[0]), np.diff(q.indptr))
+        order = np.lexsort((q.indices, -q.data, row))  # by query, then probability (highest first), then column
+        slot = np.arange(len(order)) - q.indptr[row[order]]
+        keep = order[slot < k]
+        names = np.full((q.shape[0], k), "", dtype=object)
+        probs = np.zeros((q.shape[0], k))
+        names[row[keep], slot[slot < k]] = self.space.species[q.indices[keep]]
+        probs[row[keep], slot[slot < k]] = q.data[keep]
         out = {}
         for j in range(k):
-            out[f"top{j + 1}_species"] = self.space.species[top[:, j]]
-            out[f"top{j + 1}_prob"] = dense[np.arange(dense.shape[0]), top[:, j]]
+            out[f"top{j + 1}_species"], out[f"top{j + 1}_prob"] = names[:, j], probs[:, j]
         return pd.DataFrame(out)
 
 
