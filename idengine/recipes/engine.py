@@ -6,8 +6,9 @@
    known-rare, novel-species and novel-genus queries, each with what it must not see.
 3. The evidence of every query: its hits (searched with its exclusions), the classifier's calibrated out-of-fold
    probabilities, the k-mer model's (fitted per fold), as options (`reference/evidence.py`).
-4. For each fold k: the decision model fitted on the other folds' queries scores fold k's; its thresholds come from
-   the other folds' outputs too: nothing about fold k is used to judge fold k.
+4. For each fold k: the decision model fitted on the other folds' queries scores fold k's; its temperature and its
+   thresholds come from the other folds' outputs too (as `idengine train` fits them on all folds' outputs): nothing
+   about fold k is used to judge fold k.
 5. Metrics per fold (closed-set, open-world, the index alone), and the tables `idengine train` fits the final
    decision model from.
 """
@@ -32,7 +33,7 @@ from idengine.evaluate.metrics import softmax, summarise_folds
 from idengine.evaluate.oof import FoldResult
 from idengine.models.kmer import fit_kmer_model
 from idengine.reference import assess
-from idengine.reference.decision import fit_decision, segment_softmax
+from idengine.reference.decision import fit_decision, fit_score_temperature, segment_softmax
 from idengine.reference.evidence import ClassifierView, Options, ReferenceTaxa, build_options
 from idengine.reference.index import Exclusions, Hits, ReferenceIndex, build_index, search
 from idengine.reference.neighbours import Neighbours, nearest_other, reference_neighbours
@@ -192,6 +193,17 @@ def nested_scores(config: Config, options: Options, targets: np.ndarray, scenari
     return scores
 
 
+def fold_probabilities(space: OptionSpace, options: Options, scores: np.ndarray, targets: np.ndarray,
+                       others: np.ndarray):
+    """Every query's probabilities as `idengine train` deploys them, for judging one fold: the nested scores over the
+    temperature fitted on the OTHER folds' queries (`others`, a query mask; train fits it on all of them)."""
+    temperature = 1.0
+    if others.any():
+        sub, rows = select_queries(options, others)
+        temperature = fit_score_temperature(scores[rows], sub, targets[others])
+    return space.matrix(options, segment_softmax(scores / temperature, options.query, options.n_queries)), temperature
+
+
 def judge_fold(space: OptionSpace, p, scenarios: pd.DataFrame, fold_rows: np.ndarray, other_rows: np.ndarray,
                truth: pd.DataFrame, hits: Hits, reference: ReferenceIndex, labels: LabelSpace, config: Config
                ) -> tuple[dict[str, Any], pd.DataFrame]:
@@ -248,13 +260,14 @@ def engine_cv(config: Config, records: pd.DataFrame, unknown: pd.DataFrame, labe
     targets = assess.target_slots(options, scenarios["answer_kind"].to_numpy(), scenarios["answer"].to_numpy())
     scores = nested_scores(config, options, targets, scenarios)
     space = OptionSpace.from_taxonomy(reference)
-    p = space.matrix(options, segment_softmax(scores, options.query, options.n_queries))
     truth = assess.truth_table(scenarios, reference)
     per_fold, outcomes = [], []
     for fold in sorted(scenarios["fold"].unique(), key=int):
         mask = (scenarios["fold"] == fold).to_numpy()
+        p, temperature = fold_probabilities(space, options, scores, targets, ~mask)
         metrics, calls = judge_fold(space, p, scenarios, np.flatnonzero(mask), np.flatnonzero(~mask), truth, hits,
                                     index, labels, config)
+        metrics["engine"]["temperature"] = temperature
         per_fold.append({"fold": fold, **metrics})
         outcomes.append(calls.set_index(scenarios.index[mask]))
     table = scenarios.join(pd.concat(outcomes)).assign(target_slot=targets, top_hit=hits.ref[:, 0],

@@ -33,7 +33,7 @@ from idengine.deploy.artifact import load_artifact
 from idengine.deploy.classifiers import KmerClassifier, ProbeClassifier, TransformerClassifier
 from idengine.deploy.export import update_artifact_files, write_artifact
 from idengine.evaluate.calibrate import Calibrator, ThresholdChoice, calibration_report, choose_threshold, \
-    fit_calibrator, fit_temperature
+    fit_calibrator
 from idengine.evaluate.calls import calls_for, calls_summary, open_set_report
 from idengine.evaluate.metrics import classification_metrics, expected_calibration_error, reliability_bins, \
     score_logits, softmax
@@ -46,7 +46,7 @@ from idengine.models.transformer import build_model, load_backbone, load_trainab
 from idengine.recipes.cv import run_key
 from idengine.recipes.engine import ENGINE_DIR, neighbours_of, read_engine, reference_table
 from idengine.reference import assess
-from idengine.reference.decision import PAD_SCORE, fit_decision, padded, segment_softmax
+from idengine.reference.decision import fit_decision, fit_score_temperature, segment_softmax
 from idengine.reference.engine import Engine, reference_index
 from idengine.reference.neighbours import load_neighbours
 from idengine.reference.space import OptionSpace, engine_calls, rank_thresholds
@@ -142,18 +142,11 @@ def final_decision(config: Config, cv_dir: Path, space: OptionSpace, reference: 
     targets = assess.target_slots(options, scenarios["answer_kind"].to_numpy(), scenarios["answer"].to_numpy())
     decision = fit_decision(options, targets, scenarios["truth_species"].to_numpy(), config.engine.hidden,
                             config.engine.seed)
-    temperature = _oof_temperature(oof_scores, options, targets)
+    temperature = fit_score_temperature(oof_scores, options, targets)
     p = space.matrix(options, segment_softmax(oof_scores / temperature, options.query, options.n_queries))
     choices = rank_thresholds(space, p, assess.truth_table(scenarios, reference), config.calibrate.target_precision)
     decision.temperature = temperature
     return decision, {rank: c.threshold for rank, c in choices.items()}, {r: c.to_dict() for r, c in choices.items()}
-
-
-def _oof_temperature(scores: np.ndarray, options, targets: np.ndarray) -> float:
-    """The temperature of the out-of-fold scores (per-fold decision models) that makes them calibrated."""
-    matrix, _ = padded(options, scores, PAD_SCORE)
-    keep = targets >= 0
-    return fit_temperature(matrix[keep], targets[keep])
 
 
 def engine_test(engine: Engine, test: pd.DataFrame, probs: np.ndarray, labels: LabelSpace, config: Config

@@ -192,7 +192,7 @@ def fit_decision(options: Options, target_slot: np.ndarray, groups: np.ndarray, 
         hidden: hidden units (0: linear scorer); seed: initialisation, shuffling and the hold-out.
 
     Returns:
-        The fitted model (temperature 1; fit it on out-of-fold outputs with `fit_option_temperature`).
+        The fitted model (temperature 1; fit it on out-of-fold scores with `fit_score_temperature`).
     """
     mean = options.features.mean(axis=0)
     scale = np.maximum(options.features.std(axis=0), 1e-6)
@@ -215,8 +215,10 @@ def fit_decision(options: Options, target_slot: np.ndarray, groups: np.ndarray, 
     return DecisionModel(mean.astype(np.float32), scale.astype(np.float32), layers, 1.0, history)
 
 
-def fit_option_temperature(model: DecisionModel, options: Options, target_slot: np.ndarray) -> float:
-    """The temperature minimising the NLL of the true options of out-of-fold queries (`calibrate.fit_temperature`)."""
+def fit_score_temperature(scores: np.ndarray, options: Options, target_slot: np.ndarray) -> float:
+    """The temperature minimising the NLL of the true options, given each option's out-of-fold score (the nested
+    decision models' scores: `calibrate.fit_temperature` over each query's padded scores); queries whose true option
+    is not offered (target_slot -1) are left out."""
     keep = target_slot >= 0
-    scores, _ = padded(options, model.scores(options.features), PAD_SCORE)
-    return fit_temperature(scores[keep], target_slot[keep])
+    matrix, _ = padded(options, scores, PAD_SCORE)
+    return fit_temperature(matrix[keep], target_slot[keep])
