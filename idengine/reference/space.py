@@ -120,18 +120,31 @@ def best_per_rank(space: OptionSpace, p: sparse.csr_array, rank: str) -> tuple[n
     return np.asarray(names, dtype=object)[best], np.minimum(sums[np.arange(p.shape[0]), best], 1.0)
 
 
+def _taxa_at(space: OptionSpace, rank: str) -> int:
+    """Distinct taxa at a rank (missing and empty names are none), as `assign_calls` counts them."""
+    values = space.rank_table[rank]
+    return int(values[values.notna() & (values.astype(str) != "")].nunique())
+
+
 def rank_thresholds(space: OptionSpace, p: sparse.csr_array, truth: pd.DataFrame, target: float
                     ) -> dict[str, ThresholdChoice]:
     """Each rank's lowest threshold whose calls at that rank reach `target` precision on these (out-of-fold) queries.
+
+    The ranks are taken as `engine_calls` takes them, deepest first, and each rank's threshold is chosen on the
+    queries that reach it (not called at a deeper rank): so the calls a user sees at a rank, genus say, are right at
+    the target rate, not only all queries' best genera pooled (most of those are species calls, nearly always right).
+    A rank at which the whole reference is one taxon gets a threshold but calls nothing (`assign_calls` skips it).
 
     Args:
         truth: per query, `species` (None for a species not in the reference), each rank's true taxon, and
             `is_novel` (the species is not in the reference).
     """
-    out = {}
+    out, pending = {}, np.ones(p.shape[0], dtype=bool)
     for rank in [C.SPECIES, *space.call_ranks(), NOVEL]:
         taxon, prob = best_per_rank(space, p, rank)
         right = truth["is_novel"].to_numpy(dtype=bool) if rank == NOVEL else \
             (taxon == truth[rank].to_numpy(dtype=object)) & truth[rank].notna().to_numpy()
-        out[rank] = choose_threshold_for(prob, right, target)
+        out[rank] = choose_threshold_for(prob[pending], right[pending], target)
+        if rank in (C.SPECIES, NOVEL) or _taxa_at(space, rank) > 1:
+            pending &= ~(prob >= out[rank].threshold)
     return out
