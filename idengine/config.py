@@ -264,6 +264,13 @@ class EngineConfig:
     novel_genus_share: float = 0.3
     """Share of the rare species whose records are simulated as a novel GENUS (their whole genus hidden) rather than
     a novel species, when the decision model learns what 'not in the reference' looks like."""
+    rare_balance: float = 0.0
+    """Queries of species the reference barely holds, per simulated novel query, that teach the decision model. The
+    rare species give some (`known_rare`); kept records queried with their species thinned to one record and the
+    classifiers blind to it (`reference/scenarios.py`, `thinned`) make up the rest, at most one per kept record.
+    1: a species barely in the reference is as likely as one not in it at all; 0 (the default): no thinned
+    queries. Thinned queries fit the scorer only: nothing is judged on them. Measured in bench/README.md ("Thinned
+    queries"): more rare species named on a small reference, fewer species calls on the bundled example."""
     hidden: int = 32
     """Hidden units of the decision model's scorer (0: a linear scorer)."""
     seed: int = 0
@@ -274,8 +281,9 @@ class EngineConfig:
         if self.candidates < 1 or self.max_species < 1 or self.index_sampling < 1 or not 4 <= self.index_k <= 15:
             raise ValueError("engine.candidates, engine.max_species, engine.index_sampling must be >= 1 and "
                              "engine.index_k in [4, 15]")
-        if not 0.0 <= self.min_overlap <= 1.0 or not 0.0 <= self.novel_genus_share <= 1.0:
-            raise ValueError("engine.min_overlap and engine.novel_genus_share must be in [0, 1]")
+        if not 0.0 <= self.min_overlap <= 1.0 or not 0.0 <= self.novel_genus_share <= 1.0 or self.rare_balance < 0:
+            raise ValueError("engine.min_overlap and engine.novel_genus_share must be in [0, 1], "
+                             "engine.rare_balance >= 0")
 
 
 @dataclass(frozen=True)

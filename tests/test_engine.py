@@ -53,6 +53,42 @@ def test_evidence_by_hand():
     assert (rows.groupby("q").kind.apply(lambda k: (k == NOVEL_GENUS).sum()) == 1).all()
 
 
+def test_a_blind_classifier_view_drops_the_species_and_renormalises():
+    taxa, ref, identity, coverage = _hand_hits()
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]])
+    names = np.array(["A a", "A b", "B c"], dtype=object)
+    view = ClassifierView(probs, names, blind=np.array(["A a", None, "Nomen nudum"], dtype=object))
+    np.testing.assert_allclose(view.probs, [[0.0, 2 / 3, 1 / 3], probs[1], probs[2]])  # softmax without class A a
+    o = build_options(ref, identity, coverage, taxa, view, None, max_species=8, classifier_top=2)
+    rows = pd.DataFrame(o.features, columns=FEATURES).assign(q=o.query, kind=o.kind, name=o.name)
+    a_a = rows[(rows.q == 0) & (rows.name == "A a")].iloc[0]
+    assert a_a.sp_cls_in == 0 and a_a.sp_cls_logp == 0  # as for a species that is not one of its classes
+    assert rows[(rows.q == 0) & (rows.name == "A b")].sp_cls_logp.iloc[0] == pytest.approx(np.log(2 / 3))
+    assert rows[(rows.q == 1) & (rows.name == "A a")].sp_cls_in.iloc[0] == 1  # other queries see every class
+
+
+def test_each_rank_threshold_holds_for_the_calls_made_at_that_rank():
+    """Pooled over all queries, the genus threshold would pass queries whose genus is mostly wrong, because the
+    species calls (whose genus is right) fill the pool; chosen on the queries that reach the genus rank, the genus
+    calls themselves reach the target precision."""
+    from scipy import sparse
+
+    from idengine.reference.space import rank_thresholds
+
+    space = _space()
+    easy = [[0.99, 0.01, 0, 0, 0, 0]] * 100                  # species A a, right
+    hard = [[0.30, 0.30, 0.0, 0.0, 0.0, 0.40]] * 10          # genus A at 0.6; 5 are of genus A, 5 of none
+    p = sparse.csr_array(np.array(easy + hard, dtype=float))
+    truth = pd.DataFrame({"species": ["A a"] * 100 + [None] * 10, "genus": ["A"] * 105 + [None] * 5,
+                          "family": ["F"] * 110, "is_novel": [False] * 100 + [True] * 10})
+    choices = rank_thresholds(space, p, truth, 0.95)
+    assert choices["species"].threshold == pytest.approx(0.99)
+    # Pooled, genus >= 0.6 would be right for 105 of 110 queries (0.955): the hard ones would be called genus A.
+    assert choices["genus"].threshold > 0.6
+    calls = engine_calls(space, p, {r: c.threshold for r, c in choices.items()})
+    assert (calls["call_rank"] == "genus").sum() == 0 and (calls["call_rank"] == "species").sum() == 100
+
+
 def _space():
     taxonomy = pd.DataFrame({"species": ["A a", "A b", "B c"], "genus": ["A", "A", "B"], "family": ["F", "F", "F"]})
     return OptionSpace.from_taxonomy(taxonomy)
@@ -75,6 +111,24 @@ def test_answer_space_sums_novel_species_into_their_genus_and_calls_novel():
     assert calls["call_rank"].tolist() == ["species", "genus", "novel", "unassigned"]
     np.testing.assert_allclose(calls["p_novel_species"], [0.01, 0.50, 0.99, 0.10])
     np.testing.assert_allclose(calls["p_novel_genus"], [0.0, 0.02, 0.99, 0.10])
+
+
+def test_closed_set_probabilities_tie_exactly_where_the_engine_gives_nothing():
+    """PR-AUC ranks each species' probabilities across queries: species the engine gave nothing must tie exactly,
+    or float noise in each row's sum decides their order (it moved PR-AUC by +-0.004 between two runs)."""
+    from scipy import sparse
+
+    from idengine.reference.assess import closed_set_probs
+
+    space = _space()
+    p = sparse.csr_array(np.array([[0.1 + 0.2, 0.7, 0.0, 0.0, 0.0, 0.0],      # sums to 1 + 1 ulp
+                                   [0.0, 0.0, 0.0, 0.0, 0.0, 1.0],            # all mass off the label space
+                                   [0.6, 0.0, 0.0, 0.0, 0.3, 0.1]]))
+    probs = closed_set_probs(space, p, np.array(["A a", "A b", "B c", "Z z"], dtype=object))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
+    assert probs[0, 2] == probs[0, 3] == probs[2, 1] == probs[2, 2] == probs[2, 3] > 0
+    np.testing.assert_allclose(probs[1], 0.25)  # nothing on the label space: uniform
+    assert probs[2, 0] == pytest.approx(1.0, abs=1e-6) and probs[0, 1] == pytest.approx(0.7, abs=1e-6)
 
 
 def test_segment_softmax_is_a_softmax_per_query():
@@ -110,6 +164,32 @@ def test_scenarios_hide_what_they_say_and_deal_each_rare_species_to_one_fold(exa
     assert set(answered.loc[answered.scenario == NG, "answer_kind"]) == {NOVEL_GENUS}
 
 
+def test_thinned_queries_see_one_record_of_their_species_and_are_never_judged(example_tables):
+    from idengine.reference.scenarios import KNOWN_RARE, THINNED, judged
+
+    records, unknown, _ = example_tables
+    scenarios = make_scenarios(records, unknown, novel_genus_share=0.3, seed=0, rare_balance=1.0)
+    thin, rare = scenarios[scenarios.scenario == THINNED], (scenarios.scenario == KNOWN_RARE).sum()
+    novel = scenarios.scenario.isin([NS, NG]).sum()
+    assert 0 < len(thin) <= len(records)  # made up to balance the novel queries, one per kept record at most
+    assert 0.8 * novel <= len(thin) + rare <= 1.2 * novel  # a seeded share: about as many as the novel queries
+    kept = records.set_index(C.ID).loc[thin.keep_record]
+    assert (kept[C.SPECIES].to_numpy() == thin.truth_species.to_numpy()).all()
+    assert (kept[C.FOLD].astype(str).to_numpy() != thin.fold.to_numpy()).all()  # another fold's record
+    assert (thin.exclude_species == thin.truth_species).all() and (thin.exclude_fold == thin.fold).all()
+    assert not judged(scenarios)[thin.index].any() and judged(scenarios)[scenarios.scenario != THINNED].all()
+    reference = pd.concat([records, unknown.assign(fold=None)], ignore_index=True)
+    seen = Visibility(reference)
+    q = thin.index.to_numpy()[:20]
+    np.testing.assert_array_equal(seen.records(scenarios, q, scenarios.truth_species.to_numpy()[q]), 1.0)
+    same = [np.flatnonzero(reference[C.SPECIES].to_numpy() == s)[:8] for s in scenarios.truth_species[q]]
+    width = max(map(len, same))
+    rows = np.array([np.pad(r, (0, width - len(r)), mode="edge") for r in same])
+    visible = seen.rows_visible(scenarios, q, rows)
+    np.testing.assert_array_equal(visible, reference[C.ID].to_numpy()[rows] == thin.keep_record.to_numpy()[:20, None])
+    assert (make_scenarios(records, unknown, 0.3, 0, rare_balance=0.0).scenario != THINNED).all()
+
+
 @pytest.fixture(scope="module")
 def engine_run(prepared_example, tmp_path_factory):
     """cv + train of the bundled example with kmer-nb: its engine/ outputs and the exported artifact."""
@@ -129,7 +209,7 @@ def test_nested_engine_metrics_and_honest_folds(engine_run, example_tables):
     _, cv, _ = engine_run
     metrics = json.loads((cv / C.METRICS_FILE).read_text())["engine"]
     scenarios, options, scores = read_engine(cv)
-    assert set(scenarios.scenario) == {"known", "known_rare", "novel_species", "novel_genus"}
+    assert set(scenarios.scenario) == {"known", "known_rare", "novel_species", "novel_genus"}  # none thinned
     assert len(metrics["folds"]) == 5 and metrics["untrainable_queries"] < 0.1 * len(scenarios)
     for key in ("top1_acc", "f1_macro", "pr_auc_macro", "ece", "known_called_species", "over_classification",
                 "novel_genus_accuracy_top"):
@@ -143,6 +223,32 @@ def test_nested_engine_metrics_and_honest_folds(engine_run, example_tables):
     # A known query is called its own species far more often than a wrong one.
     known = scenarios[(scenarios.scenario == "known") & (scenarios.call_rank == "species")]
     assert (known.call == known.truth_species).mean() > 0.85
+
+
+@pytest.mark.integration
+def test_thinned_queries_teach_the_scorer_and_are_never_judged(prepared_example, tmp_path):
+    """engine.rare_balance=1 through cv and train: thinned queries are searched, fitted on, and never judged."""
+    from idengine.recipes.cv import run_cv
+    from idengine.recipes.engine import read_engine
+    from idengine.recipes.train import final_decision
+    from idengine.reference.scenarios import THINNED
+
+    config = tiny_test_config(tmp_path, "model.kind=kmer-nb", "engine.rare_balance=1.0")
+    cv = run_cv(config, prepared_example, tmp_path / "cv")
+    scenarios, options, _ = read_engine(cv)
+    thinned = (scenarios.scenario == THINNED).to_numpy()
+    assert thinned.sum() > 10
+    assert scenarios.loc[thinned, "call_rank"].isna().all() and scenarios.loc[~thinned, "call_rank"].notna().all()
+    # Most thinned queries find their species' one kept record, so their answer is among the options.
+    assert (scenarios.loc[thinned, "target_slot"] >= 0).mean() > 0.5
+    metrics = json.loads((cv / C.METRICS_FILE).read_text())["engine"]
+    assert metrics["queries"][THINNED] == thinned.sum() and 0 < metrics["engine"]["top1_acc"]["mean"] <= 1
+    records, labels = read_prepared(prepared_example)
+    from idengine.recipes.engine import reference_table
+
+    reference = reference_table(records, read_unknown(prepared_example))
+    decision, thresholds, _ = final_decision(config, cv, OptionSpace.from_taxonomy(reference), reference)
+    assert decision.temperature > 0 and set(thresholds) >= {"species", "genus", "novel"}
 
 
 @pytest.mark.integration

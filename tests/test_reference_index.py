@@ -135,6 +135,24 @@ def test_exclusion_removes_exactly_those_references(mini, mini_index, level):
         assert keep[hits.ref[i][hits.ref[i] >= 0]].all()
 
 
+def test_a_kept_record_stays_visible_when_its_species_is_hidden(mini, mini_index):
+    """A thinned query: its species hidden but one record of it kept. The hits are those of an index holding the
+    other species and that one record."""
+    counts = mini[C.SPECIES].value_counts()
+    species = counts.index[counts >= 3][:4].tolist()
+    rows = [int(np.flatnonzero(mini[C.SPECIES] == s)[0]) for s in species]
+    kept = [int(np.flatnonzero(mini[C.SPECIES] == s)[-1]) for s in species[:2]] + rows[2:]  # 2: itself
+    hits = search(mini_index, mini[C.SEQUENCE].iloc[rows], exclude=Exclusions(
+        species=species, keep=mini[C.ID].to_numpy()[kept]))
+    for i, (s, k) in enumerate(zip(species, kept)):
+        visible = mini[C.SPECIES].to_numpy() != s
+        visible[k] = True
+        np.testing.assert_array_equal(hits.ref[i], subset_hits(mini, visible, mini[C.SEQUENCE].iloc[rows[i]]))
+    assert hits.ref[2, 0] == kept[2] and hits.ref[3, 0] == kept[3] and (hits.identity[2:, 0] == 1).all()
+    with pytest.raises(ValueError, match="Exclusions.keep"):
+        search(mini_index, mini[C.SEQUENCE].iloc[rows], exclude=Exclusions(keep=["x"]))
+
+
 def test_unknown_or_missing_values_exclude_nothing(mini, mini_index):
     queries = mini[C.SEQUENCE].iloc[:4].tolist()
     plain = search(mini_index, queries)

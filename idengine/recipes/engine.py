@@ -3,7 +3,8 @@
 1. The reference of the cv: every kept non-test record (with its fold) and every record of the set-aside rare
    species, in one reference index (`reference/index.py`).
 2. The scenarios (`reference/scenarios.py`): known-species queries of each fold, and the rare species' records as
-   known-rare, novel-species and novel-genus queries, each with what it must not see.
+   known-rare, novel-species and novel-genus queries, each with what it must not see; and `thinned` known queries
+   (their species cut to one record, the classifiers blind to it), which only fit the scorer.
 3. The evidence of every query: its hits (searched with its exclusions), the classifier's calibrated out-of-fold
    probabilities, the k-mer model's (fitted per fold), as options (`reference/evidence.py`).
 4. For each fold k: the decision model fitted on the other folds' queries scores fold k's; its temperature and its
@@ -37,7 +38,8 @@ from idengine.reference.decision import fit_decision, fit_score_temperature, seg
 from idengine.reference.evidence import ClassifierView, Options, ReferenceTaxa, build_options
 from idengine.reference.index import Exclusions, Hits, ReferenceIndex, build_index, search
 from idengine.reference.neighbours import Neighbours, nearest_other, reference_neighbours
-from idengine.reference.scenarios import Visibility, deal_rare_species, fill_answers, make_scenarios
+from idengine.reference.scenarios import THINNED, Visibility, deal_rare_species, fill_answers, judged, \
+    make_scenarios
 from idengine.reference.space import OptionSpace, engine_calls, rank_thresholds
 
 log = logging.getLogger(__name__)
@@ -102,8 +104,9 @@ def search_all(index: ReferenceIndex, queries: list[str], exclude: pd.DataFrame,
 
     def args(s: slice):
         part = exclude.iloc[s]
+        keep = part["keep_record"].to_numpy() if "keep_record" in part else None
         return queries[s], Exclusions(part["exclude_fold"].to_numpy(), part["exclude_species"].to_numpy(),
-                                      part["exclude_genus"].to_numpy(), part["exclude_group"].to_numpy())
+                                      part["exclude_genus"].to_numpy(), part["exclude_group"].to_numpy(), keep)
 
     import ray
 
@@ -158,8 +161,9 @@ def query_options(config: Config, scenarios: pd.DataFrame, hits: Hits, taxa: Ref
     for start in range(0, len(scenarios), SEARCH_CHUNK):
         rows = np.arange(start, min(start + SEARCH_CHUNK, len(scenarios)))
         chunk = scenarios.iloc[rows].reset_index(drop=True)
+        blind = np.where(chunk["scenario"] == THINNED, chunk["truth_species"], None)
         made = {name: None if v is None else ClassifierView(record_probs(chunk["record"].to_numpy(), *v),
-                                                           np.asarray(labels.species, dtype=object))
+                                                           np.asarray(labels.species, dtype=object), blind)
                 for name, v in views.items()}
         part = build_options(hits.ref[rows], hits.identity[rows], hits.coverage[rows], taxa, made["classifier"],
                              made["kmer"], e.max_species, e.classifier_top,
@@ -246,7 +250,8 @@ def engine_cv(config: Config, records: pd.DataFrame, unknown: pd.DataFrame, labe
     index = build_index(reference, config.engine.index_k, config.engine.index_sampling)
     visibility = Visibility(reference)
     scenarios = fill_answers(make_scenarios(records[records[C.FOLD] != C.TEST_FOLD], unknown,
-                                            config.engine.novel_genus_share, config.engine.seed), visibility)
+                                            config.engine.novel_genus_share, config.engine.seed,
+                                            config.engine.rare_balance), visibility)
     sequence_of = dict(zip(reference[C.ID], reference[C.SEQUENCE]))
     searched = time.time()
     hits = search_all(index, [sequence_of[r] for r in scenarios["record"]], scenarios, config)
@@ -261,15 +266,15 @@ def engine_cv(config: Config, records: pd.DataFrame, unknown: pd.DataFrame, labe
     scores = nested_scores(config, options, targets, scenarios)
     space = OptionSpace.from_taxonomy(reference)
     truth = assess.truth_table(scenarios, reference)
-    per_fold, outcomes = [], []
+    per_fold, outcomes, scored = [], [], judged(scenarios)
     for fold in sorted(scenarios["fold"].unique(), key=int):
         mask = (scenarios["fold"] == fold).to_numpy()
-        p, temperature = fold_probabilities(space, options, scores, targets, ~mask)
-        metrics, calls = judge_fold(space, p, scenarios, np.flatnonzero(mask), np.flatnonzero(~mask), truth, hits,
-                                    index, labels, config)
+        p, temperature = fold_probabilities(space, options, scores, targets, ~mask & scored)
+        metrics, calls = judge_fold(space, p, scenarios, np.flatnonzero(mask & scored),
+                                    np.flatnonzero(~mask & scored), truth, hits, index, labels, config)
         metrics["engine"]["temperature"] = temperature
         per_fold.append({"fold": fold, **metrics})
-        outcomes.append(calls.set_index(scenarios.index[mask]))
+        outcomes.append(calls.set_index(scenarios.index[mask & scored]))
     table = scenarios.join(pd.concat(outcomes)).assign(target_slot=targets, top_hit=hits.ref[:, 0],
                                                        top_identity=hits.identity[:, 0])
     metrics = {"engine": _summarise(per_fold, "engine"), "index": _summarise(per_fold, "index"),

@@ -44,11 +44,12 @@ from idengine.models.kmer import fit_kmer_model
 from idengine.models.probe import fit_probe
 from idengine.models.transformer import build_model, load_backbone, load_trainable_state
 from idengine.recipes.cv import run_key
-from idengine.recipes.engine import ENGINE_DIR, neighbours_of, read_engine, reference_table
+from idengine.recipes.engine import ENGINE_DIR, neighbours_of, read_engine, reference_table, select_queries
 from idengine.reference import assess
 from idengine.reference.decision import fit_decision, fit_score_temperature, segment_softmax
 from idengine.reference.engine import Engine, reference_index
 from idengine.reference.neighbours import load_neighbours
+from idengine.reference.scenarios import judged
 from idengine.reference.space import OptionSpace, engine_calls, rank_thresholds
 from idengine.report.markdown import final_markdown
 from idengine.report.plots import reliability_comparison_figure, save_png
@@ -142,9 +143,12 @@ def final_decision(config: Config, cv_dir: Path, space: OptionSpace, reference: 
     targets = assess.target_slots(options, scenarios["answer_kind"].to_numpy(), scenarios["answer"].to_numpy())
     decision = fit_decision(options, targets, scenarios["truth_species"].to_numpy(), config.engine.hidden,
                             config.engine.seed)
-    temperature = fit_score_temperature(oof_scores, options, targets)
-    p = space.matrix(options, segment_softmax(oof_scores / temperature, options.query, options.n_queries))
-    choices = rank_thresholds(space, p, assess.truth_table(scenarios, reference), config.calibrate.target_precision)
+    scored = judged(scenarios)  # `thinned` queries fit the scorer only, never the temperature or the thresholds
+    sub, rows = select_queries(options, scored)
+    temperature = fit_score_temperature(oof_scores[rows], sub, targets[scored])
+    p = space.matrix(sub, segment_softmax(oof_scores[rows] / temperature, sub.query, sub.n_queries))
+    truth = assess.truth_table(scenarios, reference)[scored]
+    choices = rank_thresholds(space, p, truth.reset_index(drop=True), config.calibrate.target_precision)
     decision.temperature = temperature
     return decision, {rank: c.threshold for rank, c in choices.items()}, {r: c.to_dict() for r, c in choices.items()}
 

@@ -70,10 +70,25 @@ class ReferenceTaxa:
 
 @dataclass
 class ClassifierView:
-    """One classifier's probabilities over its label space, as evidence: (n_queries, C) and the C species names."""
+    """One classifier's probabilities over its label space, as evidence: (n_queries, C) and the C species names.
+
+    `blind`: per query, a species the classifier is to know nothing of (None: none). Its column is dropped and the
+    row renormalised (the softmax of the same logits without that class), and it counts as not one of the classes.
+    """
 
     probs: np.ndarray
     species: np.ndarray
+    blind: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.blind is None:
+            return
+        col = self.column_of(np.asarray(self.blind, dtype=object))
+        rows = np.flatnonzero(col >= 0)
+        if len(rows):
+            self.probs = np.array(self.probs, dtype=np.float64, copy=True)
+            self.probs[rows, col[rows]] = 0.0
+            self.probs[rows] /= np.maximum(self.probs[rows].sum(axis=1, keepdims=True), 1e-300)
 
     def column_of(self, names: np.ndarray) -> np.ndarray:
         """Column of each species name in probs, -1 where the species is not one of the classifier's classes."""
@@ -179,6 +194,8 @@ def _classifier_columns(rows: pd.DataFrame, view: ClassifierView | None, prefix:
         return
     col = view.column_of(rows["species"].to_numpy())
     inside = col >= 0
+    if view.blind is not None:
+        inside &= rows["species"].to_numpy() != np.asarray(view.blind, dtype=object)[rows["query"].to_numpy()]
     out[:, _F[f"{prefix}_in"]] = inside
     logp = np.zeros(len(rows))
     logp[inside] = _log(view.probs[rows["query"].to_numpy()[inside], col[inside]])

@@ -84,12 +84,14 @@ class ReferenceIndex:
 @dataclass
 class Exclusions:
     """What each query must not see: one value per query (or one for all) in the reference table's vocabulary (fold
-    "0".."K-1", species, genus and group names); None, NaN or a value unknown to the index excludes nothing."""
+    "0".."K-1", species, genus and group names); None, NaN or a value unknown to the index excludes nothing.
+    `keep`: one record id per query that stays visible whatever else hides it (a species thinned to one record)."""
 
     fold: Any = None
     species: Any = None
     genus: Any = None
     group: Any = None
+    keep: Any = None
 
 
 @dataclass
@@ -241,6 +243,11 @@ def _exclusion_codes(index: ReferenceIndex, exclude: Exclusions | None, n_querie
         if codes.size != n_queries:
             raise ValueError(f"Exclusions.{level}: {codes.size} values for {n_queries} queries")
         out[level] = codes
+    if exclude is not None and exclude.keep is not None:
+        keep = pd.Index(index.ids).get_indexer(pd.Index(np.asarray(exclude.keep, dtype=object).ravel()))
+        if keep.size != n_queries:
+            raise ValueError(f"Exclusions.keep: {keep.size} values for {n_queries} queries")
+        out["keep"] = keep
     return out
 
 
@@ -284,9 +291,15 @@ def candidates(index: ReferenceIndex, queries: Sequence[str], n: int = 16, exclu
                              shape=(len(block), index.vocab.size))
         n_q = np.bincount(row, minlength=len(block)).astype(np.float32)
         score = (qmat @ posting).toarray() / np.maximum(n_q, 1)[:, None]
+        kept = score[np.arange(len(block)), np.maximum(codes["keep"][rows], 0)] if "keep" in codes else None
         for level, all_codes in codes.items():  # a query code of -1 becomes -2, which matches no reference
+            if level == "keep":
+                continue
             part = np.where(all_codes[rows] >= 0, all_codes[rows], -2)
             score[getattr(index, f"{level}_code")[None, :] == part[:, None]] = -1.0
+        if kept is not None:
+            at = np.flatnonzero(codes["keep"][rows] >= 0)
+            score[at, codes["keep"][rows][at]] = kept[at]
         ref, val = top_n(score, n)
         out_ref.append(np.where(val > 0, ref, -1).astype(np.int64))
         out_score.append(np.where(val > 0, val.astype(np.float64), np.nan))
