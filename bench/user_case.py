@@ -13,6 +13,8 @@
              `idengine predict` and VSEARCH in the same run. -> bench/results/user_case.{json,md}, bench/README.md.
 `--small` (6 + 10 species, 12 queries per kind, 1 epoch, results in --work) is a smoke test of the same path;
 `--from-step train` (or cv, predict) keeps the work dir and reruns from that step (earlier steps' times are kept).
+`--kind kmer-linear` (or kmer-nb, probe) runs the same case with that classifier (`model.kind` overridden) ->
+results/user_case_<kind>.{json,md} and its own bench/README section; the default is the README's tiny transformer.
 """
 
 from __future__ import annotations
@@ -331,20 +333,24 @@ def render_md(result: dict) -> str:
 README_BEGIN, README_END = "<!-- user_case: begin -->", "<!-- user_case: end -->"
 
 
-def update_readme(result: dict, readme: Path) -> None:
-    """Replace (or append) the user's-case section of bench/README.md, between its markers."""
+def update_readme(result: dict, readme: Path, kind: str | None = None) -> None:
+    """Replace (or append) the user's-case section of bench/README.md (one per classifier kind), between its
+    markers."""
+    begin, end = (README_BEGIN, README_END) if kind is None else \
+        (README_BEGIN.replace("user_case", f"user_case {kind}"), README_END.replace("user_case", f"user_case {kind}"))
+    name, title = ("user_case", "") if kind is None else (f"user_case_{kind}", f", classifier {kind}")
     section = "\n".join([
-        README_BEGIN, "## A user's case: a small reference with common and rare species (issue #12 parts 5-6)", "",
-        "`python bench/user_case.py` (fixed seed; its docstring says what it builds and runs) -> "
-        "`results/user_case.{json,md}` and this section. Latest run: "
+        begin, f"## A user's case: a small reference with common and rare species{title} (issue #12 parts 5-6)", "",
+        f"`{result['command']}` (fixed seed; its docstring says what it builds and runs) -> "
+        f"`results/{name}.{{json,md}}` and this section. Latest run: "
         f"{result['date']}, commit {result['commit']}, idengine's steps {result['idengine_min']:.0f} min, "
         f"{result['machine']}.", "", render_table(result), "",
         "Targets: " + "; ".join(("met" if t["met"] else "MISSED") + ": " + t["target"] for t in result["targets"])
-        + ". Details and idengine's calls by rank: `results/user_case.md`.", README_END])
+        + f". Details and idengine's calls by rank: `results/{name}.md`.", end])
     text = readme.read_text()
-    if README_BEGIN in text and README_END in text:
-        head, rest = text.split(README_BEGIN, 1)
-        text = head + section + rest.split(README_END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     readme.write_text(text)
@@ -353,16 +359,22 @@ def update_readme(result: dict, readme: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "12s-fish"), help="source set")
-    p.add_argument("--work", default=str(REPO / "runs" / "user_case"), help="scratch dir (emptied first)")
+    p.add_argument("--work", help="scratch dir (emptied first); default runs/user_case[_<kind>]")
     p.add_argument("--small", action="store_true", help="smoke test: a few species, 1 epoch; results in --work")
     p.add_argument("--from-step", default="prepare", choices=("prepare", "cv", "train", "predict"))
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="more config overrides (an experiment: results stay in --work)")
+    p.add_argument("--kind", choices=("kmer-linear", "kmer-nb", "probe"),
+                   help="classifier instead of the config's tiny transformer (model.kind override)")
     args = p.parse_args(argv)
-    start, load, sizes, work = time.time(), os.getloadavg()[0], SMALL if args.small else FULL, Path(args.work).resolve()
+    suffix = f"_{args.kind}" if args.kind else ""
+    start, load, sizes = time.time(), os.getloadavg()[0], SMALL if args.small else FULL
+    work = Path(args.work or REPO / "runs" / f"user_case{suffix}").resolve()
     if args.from_step == "prepare":
         shutil.rmtree(work, ignore_errors=True)
     ref, queries = build_case(load_source(Path(args.data)), sizes, SEED)
     write_case(ref, queries, work / "data")
-    extra = ["train.epochs=1"] if args.small else []
+    extra = (["train.epochs=1"] if args.small else []) + ([f"model.kind={args.kind}"] if args.kind else []) + args.set
     ide = run_idengine(work / "data", work, extra, args.from_step)
     v97, vtop = (run_vsearch(ref, queries, work / f"vsearch_{i}", i) for i in (peers.IDENTITY, 0.0))
     tables = (queries, idengine_calls(work / "calls.csv", queries, ref), *(vsearch_calls(ref, r) for r in (v97, vtop)))
@@ -371,6 +383,7 @@ def main(argv: list[str] | None = None) -> dict:
     speed = throughput(len(queries), ide, v97)
     result = {
         "command": "python bench/user_case.py" + (" --small" if args.small else "")
+        + (f" --kind {args.kind}" if args.kind else "") + (f" --set {' '.join(args.set)}" if args.set else "")
         + (f" --from-step {args.from_step}" if args.from_step != "prepare" else ""),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
@@ -387,11 +400,11 @@ def main(argv: list[str] | None = None) -> dict:
         "scores": scores, "throughput": speed, "targets": targets(scores, speed),
         "runtime_min": round((time.time() - start) / 60, 1),
         "idengine_min": round(sum(v["wall_s"] for v in ide["steps"].values()) / 60, 1)}
-    out = work / "user_case" if args.small else REPO / "bench" / "results" / "user_case"
+    out = work / "user_case" if args.small or args.set else REPO / "bench" / "results" / f"user_case{suffix}"
     out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     out.with_suffix(".md").write_text(render_md(result))
-    if not args.small:
-        update_readme(result, REPO / "bench" / "README.md")
+    if not (args.small or args.set):
+        update_readme(result, REPO / "bench" / "README.md", args.kind)
     print(render_table(result), f"\n[user_case] {out}.md, {result['runtime_min']} min", flush=True)
     return result
 
