@@ -228,7 +228,8 @@ def choose_threshold(probs: np.ndarray, y_true: np.ndarray, target_precision: fl
     return choose_threshold_for(p.max(axis=1), p.argmax(axis=1) == y, target_precision)
 
 
-def choose_threshold_for(confidence: np.ndarray, correct: np.ndarray, target_precision: float) -> ThresholdChoice:
+def choose_threshold_for(confidence: np.ndarray, correct: np.ndarray, target_precision: float,
+                         what: str = "this level") -> ThresholdChoice:
     """The LOWEST t whose calls {confidence >= t} reach the target precision, for any kind of call.
 
     Precision is computed at every distinct confidence (ties enter together), because it is not monotone in t:
@@ -237,6 +238,7 @@ def choose_threshold_for(confidence: np.ndarray, correct: np.ndarray, target_pre
     Args:
         confidence: (n,) the probability of the call each record would get; correct: (n,) whether it is right.
         target_precision: in (0, 1].
+        what: what is being called, for the warning when no threshold reaches the target.
     """
     if not 0.0 < target_precision <= 1.0:
         raise ValueError(f"target_precision must be in (0, 1], not {target_precision}")
@@ -250,8 +252,8 @@ def choose_threshold_for(confidence: np.ndarray, correct: np.ndarray, target_pre
     precision = hits[block_end] / (block_end + 1.0)
     ok = np.flatnonzero(precision >= target_precision)
     if ok.size == 0:
-        log.warning("no threshold reaches precision %.3f (best %.3f): nothing will be called at this level",
-                    target_precision, precision.max())
+        log.warning("no threshold reaches precision %.3f (best %.3f over %d out-of-fold queries): nothing will be "
+                    "called at %s", target_precision, precision.max(), conf.size, what)
         return ThresholdChoice(NEVER_CALL, float(precision.max()), 0.0, float(target_precision), False)
     end = block_end[ok[-1]]
     return ThresholdChoice(float(conf_sorted[end]), float(precision[ok[-1]]), float((end + 1) / conf.size),

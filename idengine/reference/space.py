@@ -144,7 +144,7 @@ def rank_thresholds(space: OptionSpace, p: sparse.csr_array, truth: pd.DataFrame
         taxon, prob = best_per_rank(space, p, rank)
         right = truth["is_novel"].to_numpy(dtype=bool) if rank == NOVEL else \
             (taxon == truth[rank].to_numpy(dtype=object)) & truth[rank].notna().to_numpy()
-        out[rank] = choose_threshold_for(prob[pending], right[pending], target)
+        out[rank] = choose_threshold_for(prob[pending], right[pending], target, f"rank {rank}")
         if rank in (C.SPECIES, NOVEL) or _taxa_at(space, rank) > 1:
             pending &= ~(prob >= out[rank].threshold)
     return out
