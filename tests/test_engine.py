@@ -274,6 +274,12 @@ def test_exported_engine_calls_with_probabilities_and_nearest_reference(engine_r
     assert set(names[names != ""]) <= set(records[C.SPECIES]) and (probs[:, 0] > 0).all()
     species_call = (calls["call_rank"] == "species").to_numpy()
     assert (calls["call"].to_numpy()[species_call] == names[species_call, 0]).all()
+    # the most probable genus holds at least the top species' mass; a genus call names it
+    genus_of = dict(zip(records[C.SPECIES], records["genus"]))
+    assert (calls["top_genus_prob"] >= probs[:, 0] - 1e-9).all() and (calls["top_genus_prob"] <= 1 + 1e-9).all()
+    assert (calls["top_genus"].to_numpy()[species_call] == [genus_of[n] for n in names[species_call, 0]]).all()
+    genus_call = (calls["call_rank"] == "genus").to_numpy()
+    assert (calls["call"].to_numpy()[genus_call] == calls["top_genus"].to_numpy()[genus_call]).all()
     nothing = artifact.calls(["q"], ["ACGT" * 30])  # a query that aligns to nothing
     assert nothing["call"].iloc[0] == nothing["call_rank"].iloc[0] == "unassigned"
     assert np.isnan(nothing["nearest_identity"].iloc[0]) and not nothing["nearest_id"].iloc[0]  # empty cells
@@ -313,4 +319,5 @@ def test_a_reference_without_a_genus_column_calls_species_or_novel(tmp_path):
     calls = pd.read_csv(predict_file(model, example / "sequences.fasta.gz", tmp_path / "calls.csv", config.predict,
                                      use_ray=False), keep_default_na=False)
     assert len(calls) == 415 and set(calls["call_rank"]) <= {"species", "novel", "unassigned"}
+    assert (calls["top_genus"].fillna("") == "").all() and (calls["top_genus_prob"] == 0).all()  # no genus
     assert (calls["call_rank"] == "species").mean() > 0.5

@@ -75,7 +75,8 @@ class Artifact:
 
         Returns:
             DataFrame: id, call, call_rank, call_prob, then (engine) p_novel_species, p_novel_genus, nearest_id,
-            nearest_identity, nearest_coverage, and top1_species, top1_prob, ... in input order.
+            nearest_identity, nearest_coverage, top_genus, top_genus_prob, and top1_species, top1_prob, ... in
+            input order.
         """
         probs = self.probabilities(list(sequences), batch_size=batch_size)
         if self.engine is not None:

@@ -24,7 +24,7 @@ from idengine.reference.decision import DecisionModel, load_decision
 from idengine.reference.evidence import ClassifierView, ReferenceTaxa, build_options
 from idengine.reference.index import ReferenceIndex, build_index, load_index, save_index, search
 from idengine.reference.neighbours import Neighbours, load_neighbours, nearest_other
-from idengine.reference.space import OptionSpace, engine_calls
+from idengine.reference.space import OptionSpace, best_per_rank, engine_calls
 
 ENGINE_META = "engine.json"
 KMER_DIR = "kmer"
@@ -70,7 +70,9 @@ class Engine:
 
         Returns:
             One row per sequence: call, call_rank, call_prob, p_novel_species, p_novel_genus, nearest_id,
-            nearest_identity, nearest_coverage, and the top_k species with their probabilities.
+            nearest_identity, nearest_coverage, top_genus and top_genus_prob (the most probable genus, its species
+            and "a species not in the reference of that genus" summed, whatever rank the call reached; "" and 0
+            without a genus column), and the top_k species with their probabilities.
         """
         p, hits = self.answer(sequences, classifier_probs, label_species)
         calls = engine_calls(self.space, p, self.thresholds, no_hit=hits.ref[:, 0] < 0)
@@ -78,6 +80,10 @@ class Engine:
         calls["nearest_id"] = np.where(top >= 0, self.index.ids[np.maximum(top, 0)], "")
         calls["nearest_identity"] = hits.identity[:, 0]
         calls["nearest_coverage"] = hits.coverage[:, 0]
+        if len(self.space.genera) and len(sequences):
+            calls["top_genus"], calls["top_genus_prob"] = best_per_rank(self.space, p, "genus")
+        else:
+            calls["top_genus"], calls["top_genus_prob"] = "", 0.0
         return pd.concat([calls.drop(columns=["species", "species_prob"]), self._top_species(p, top_k)], axis=1)
 
     def _top_species(self, p, k: int) -> pd.DataFrame:
