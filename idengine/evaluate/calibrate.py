@@ -225,7 +225,8 @@ def choose_threshold(probs: np.ndarray, y_true: np.ndarray, target_precision: fl
     y, p = metrics.validate_probs(y_true, probs)
     if y.size == 0:
         raise ValueError("choose_threshold needs at least one record")
-    return choose_threshold_for(p.max(axis=1), p.argmax(axis=1) == y, target_precision)
+    return choose_threshold_for(p.max(axis=1), p.argmax(axis=1) == y, target_precision,
+                                "species level by the classifier alone (its own abstention threshold)")
 
 
 def choose_threshold_for(confidence: np.ndarray, correct: np.ndarray, target_precision: float,
