@@ -243,12 +243,17 @@ def _exclusion_codes(index: ReferenceIndex, exclude: Exclusions | None, n_querie
         if codes.size != n_queries:
             raise ValueError(f"Exclusions.{level}: {codes.size} values for {n_queries} queries")
         out[level] = codes
-    if exclude is not None and exclude.keep is not None:
-        keep = pd.Index(index.ids).get_indexer(pd.Index(np.asarray(exclude.keep, dtype=object).ravel()))
-        if keep.size != n_queries:
-            raise ValueError(f"Exclusions.keep: {keep.size} values for {n_queries} queries")
-        out["keep"] = keep
     return out
+
+
+def _kept_rows(index: ReferenceIndex, exclude: Exclusions | None, n_queries: int) -> np.ndarray | None:
+    """Per query, the reference row it sees whatever hides it (-1: none); None when nothing is kept."""
+    if exclude is None or exclude.keep is None:
+        return None
+    keep = pd.Index(index.ids).get_indexer(pd.Index(np.asarray(exclude.keep, dtype=object).ravel()))
+    if keep.size != n_queries:
+        raise ValueError(f"Exclusions.keep: {keep.size} values for {n_queries} queries")
+    return keep
 
 
 def top_n(score: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -275,7 +280,7 @@ def candidates(index: ReferenceIndex, queries: Sequence[str], n: int = 16, exclu
     scores; a slot without a reference that shares a k-mer is -1 / NaN."""
     queries = list(queries)
     check_bases(queries, "query")
-    codes = _exclusion_codes(index, exclude, len(queries))
+    codes, keep = _exclusion_codes(index, exclude, len(queries)), _kept_rows(index, exclude, len(queries))
     chunk = chunk or max(8, min(MAX_CHUNK, CHUNK_CELLS // index.n_ref))
     # the posting matrix is made per call: keeping its data array (ones) would double the prefilter's memory
     posting = sp.csr_matrix((np.ones(index.post_refs.size, dtype=np.float32), index.post_refs, index.post_ptr),
@@ -291,15 +296,15 @@ def candidates(index: ReferenceIndex, queries: Sequence[str], n: int = 16, exclu
                              shape=(len(block), index.vocab.size))
         n_q = np.bincount(row, minlength=len(block)).astype(np.float32)
         score = (qmat @ posting).toarray() / np.maximum(n_q, 1)[:, None]
-        kept = score[np.arange(len(block)), np.maximum(codes["keep"][rows], 0)] if "keep" in codes else None
-        for level, all_codes in codes.items():  # a query code of -1 becomes -2, which matches no reference
-            if level == "keep":
-                continue
-            part = np.where(all_codes[rows] >= 0, all_codes[rows], -2)
-            score[getattr(index, f"{level}_code")[None, :] == part[:, None]] = -1.0
-        if kept is not None:
-            at = np.flatnonzero(codes["keep"][rows] >= 0)
-            score[at, codes["keep"][rows][at]] = kept[at]
+        if codes:  # predict hides nothing: no mask to build
+            hidden = np.zeros(score.shape, dtype=bool)
+            for level, all_codes in codes.items():  # a query code of -1 becomes -2, which matches no reference
+                part = np.where(all_codes[rows] >= 0, all_codes[rows], -2)
+                hidden |= getattr(index, f"{level}_code")[None, :] == part[:, None]
+            if keep is not None:
+                at = np.flatnonzero(keep[rows] >= 0)
+                hidden[at, keep[rows][at]] = False
+            score[hidden] = -1.0
         ref, val = top_n(score, n)
         out_ref.append(np.where(val > 0, ref, -1).astype(np.int64))
         out_score.append(np.where(val > 0, val.astype(np.float64), np.nan))
