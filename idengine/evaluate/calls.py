@@ -24,7 +24,7 @@ NOVEL = "novel"
 """The call of a query whose species is (probably) not in the reference, at no resolved rank."""
 
 
-def _rank_index(rank_table: pd.DataFrame, rank: str, n_labels: int) -> tuple[np.ndarray, sparse.csr_array]:
+def rank_index(rank_table: pd.DataFrame, rank: str, n_labels: int) -> tuple[np.ndarray, sparse.csr_array]:
     """Taxon names at one rank and the (labels x taxa) 0/1 matrix; missing or empty taxa belong to none."""
     values = rank_table[rank]
     values = values.where(values.notna() & (values.astype(str) != ""))
@@ -102,7 +102,7 @@ def assign_calls(probs, species_names: Sequence[str | None], rank_table: pd.Data
 def _call_rank(p, table: pd.DataFrame, rank_name: str, limit: float, pending: np.ndarray, out: tuple) -> None:
     """Call the pending rows whose best taxon at `rank_name` reaches `limit` (in place)."""
     idx = np.flatnonzero(pending)
-    names, matrix = _rank_index(table, rank_name, table.shape[0])
+    names, matrix = rank_index(table, rank_name, table.shape[0])
     # A rank at which the whole reference is one taxon (e.g. class in a fish-only reference) says what the reference
     # holds, not what the model saw: its sum is 1 (or 1 - "novel genus"), and calling it would leave nothing
     # unassigned.

@@ -17,7 +17,7 @@ from scipy import sparse
 
 from idengine import layout as C
 from idengine.evaluate.calibrate import ThresholdChoice, choose_threshold_for
-from idengine.evaluate.calls import NOVEL, UNASSIGNED, assign_calls
+from idengine.evaluate.calls import NOVEL, UNASSIGNED, assign_calls, rank_index
 from idengine.reference.evidence import NOVEL_GENUS, NOVEL_SPECIES, SPECIES, Options
 
 CHUNK = 2048
@@ -112,18 +112,10 @@ def best_per_rank(space: OptionSpace, p: sparse.csr_array, rank: str) -> tuple[n
     if rank == NOVEL:
         mass = np.asarray(p[:, len(space.species):].sum(axis=1)).ravel()
         return np.full(p.shape[0], NOVEL, dtype=object), np.minimum(mass, 1.0)
-    codes, names = pd.factorize(space.rank_table[rank].where(space.rank_table[rank].astype(str) != ""))
-    rows = np.flatnonzero(codes >= 0)
-    member = sparse.csr_array((np.ones(len(rows)), (rows, codes[rows])), shape=(space.width, len(names)))
+    names, member = rank_index(space.rank_table, rank, space.width)
     sums = (p @ member).toarray()
     best = sums.argmax(axis=1)
-    return np.asarray(names, dtype=object)[best], np.minimum(sums[np.arange(p.shape[0]), best], 1.0)
-
-
-def _taxa_at(space: OptionSpace, rank: str) -> int:
-    """Distinct taxa at a rank (missing and empty names are none), as `assign_calls` counts them."""
-    values = space.rank_table[rank]
-    return int(values[values.notna() & (values.astype(str) != "")].nunique())
+    return names[best], np.minimum(sums[np.arange(p.shape[0]), best], 1.0)
 
 
 def rank_thresholds(space: OptionSpace, p: sparse.csr_array, truth: pd.DataFrame, target: float
@@ -145,6 +137,6 @@ def rank_thresholds(space: OptionSpace, p: sparse.csr_array, truth: pd.DataFrame
         right = truth["is_novel"].to_numpy(dtype=bool) if rank == NOVEL else \
             (taxon == truth[rank].to_numpy(dtype=object)) & truth[rank].notna().to_numpy()
         out[rank] = choose_threshold_for(prob[pending], right[pending], target, f"rank {rank}")
-        if rank in (C.SPECIES, NOVEL) or _taxa_at(space, rank) > 1:
+        if rank in (C.SPECIES, NOVEL) or rank_index(space.rank_table, rank, space.width)[0].size > 1:
             pending &= ~(prob >= out[rank].threshold)
     return out
