@@ -199,8 +199,9 @@ def nested_scores(config: Config, options: Options, targets: np.ndarray, scenari
 
 def fold_probabilities(space: OptionSpace, options: Options, scores: np.ndarray, targets: np.ndarray,
                        others: np.ndarray):
-    """Every query's probabilities as `idengine train` deploys them, for judging one fold: the nested scores over the
-    temperature fitted on the OTHER folds' queries (`others`, a query mask; train fits it on all of them)."""
+    """Every query's probabilities as `idengine train` deploys them: the nested scores over the temperature fitted on
+    the queries of `others` (a query mask: the OTHER folds' judged queries when cv judges a fold; every judged query
+    when train fits the final temperature and thresholds)."""
     temperature = 1.0
     if others.any():
         sub, rows = select_queries(options, others)

@@ -44,9 +44,10 @@ from idengine.models.kmer import fit_kmer_model
 from idengine.models.probe import fit_probe
 from idengine.models.transformer import build_model, load_backbone, load_trainable_state
 from idengine.recipes.cv import run_key
-from idengine.recipes.engine import ENGINE_DIR, neighbours_of, read_engine, reference_table, select_queries
+from idengine.recipes.engine import ENGINE_DIR, fold_probabilities, neighbours_of, read_engine, \
+    reference_table
 from idengine.reference import assess
-from idengine.reference.decision import fit_decision, fit_score_temperature, segment_softmax
+from idengine.reference.decision import fit_decision
 from idengine.reference.engine import Engine, reference_index
 from idengine.reference.neighbours import load_neighbours
 from idengine.reference.scenarios import judged
@@ -144,11 +145,9 @@ def final_decision(config: Config, cv_dir: Path, space: OptionSpace, reference: 
     decision = fit_decision(options, targets, scenarios["truth_species"].to_numpy(), config.engine.hidden,
                             config.engine.seed)
     scored = judged(scenarios)  # `thinned` queries fit the scorer only, never the temperature or the thresholds
-    sub, rows = select_queries(options, scored)
-    temperature = fit_score_temperature(oof_scores[rows], sub, targets[scored])
-    p = space.matrix(sub, segment_softmax(oof_scores[rows] / temperature, sub.query, sub.n_queries))
-    truth = assess.truth_table(scenarios, reference)[scored]
-    choices = rank_thresholds(space, p, truth.reset_index(drop=True), config.calibrate.target_precision)
+    p, temperature = fold_probabilities(space, options, oof_scores, targets, scored)  # as cv judges each fold
+    truth = assess.truth_table(scenarios, reference)[scored].reset_index(drop=True)
+    choices = rank_thresholds(space, p[np.flatnonzero(scored)], truth, config.calibrate.target_precision)
     decision.temperature = temperature
     return decision, {rank: c.threshold for rank, c in choices.items()}, {r: c.to_dict() for r, c in choices.items()}
 
