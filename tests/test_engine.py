@@ -280,6 +280,9 @@ def test_exported_engine_calls_with_probabilities_and_nearest_reference(engine_r
     assert (calls["top_genus"].to_numpy()[species_call] == [genus_of[n] for n in names[species_call, 0]]).all()
     genus_call = (calls["call_rank"] == "genus").to_numpy()
     assert (calls["call"].to_numpy()[genus_call] == calls["top_genus"].to_numpy()[genus_call]).all()
+    n_species = records[C.SPECIES].nunique()  # asked for more top species than the reference has: one column each
+    wide = artifact.calls(sample[C.ID].tolist()[:2], sample[C.SEQUENCE].tolist()[:2], top_k=n_species + 3)
+    assert f"top{n_species}_species" in wide and f"top{n_species + 1}_species" not in wide
     nothing = artifact.calls(["q"], ["ACGT" * 30])  # a query that aligns to nothing
     assert nothing["call"].iloc[0] == nothing["call_rank"].iloc[0] == "unassigned"
     assert np.isnan(nothing["nearest_identity"].iloc[0]) and not nothing["nearest_id"].iloc[0]  # empty cells

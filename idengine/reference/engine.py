@@ -89,16 +89,19 @@ class Engine:
     def _top_species(self, p, k: int) -> pd.DataFrame:
         """The k most probable reference species of each query and their probabilities ("" and 0 past a query's
         last species option), read from the sparse rows: a dense (queries x species) copy would cost 8 bytes per
-        reference species per query, the largest block of a call on a big reference."""
+        reference species per query, the largest block of a call on a big reference. At most as many columns as the
+        reference has species, as the classifier-alone call."""
+        k = min(k, len(self.space.species))
         q = sparse.csr_array(p[:, :len(self.space.species)])
         row = np.repeat(np.arange(q.shape[0]), np.diff(q.indptr))
         order = np.lexsort((q.indices, -q.data, row))  # by query, then probability (highest first), then column
         slot = np.arange(len(order)) - q.indptr[row[order]]
-        keep = order[slot < k]
+        first = slot < k
+        keep = order[first]
         names = np.full((q.shape[0], k), "", dtype=object)
         probs = np.zeros((q.shape[0], k))
-        names[row[keep], slot[slot < k]] = self.space.species[q.indices[keep]]
-        probs[row[keep], slot[slot < k]] = q.data[keep]
+        names[row[keep], slot[first]] = self.space.species[q.indices[keep]]
+        probs[row[keep], slot[first]] = q.data[keep]
         out = {}
         for j in range(k):
             out[f"top{j + 1}_species"], out[f"top{j + 1}_prob"] = names[:, j], probs[:, j]
