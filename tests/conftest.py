@@ -22,6 +22,9 @@ def ray_session(tmp_path_factory):
     """Start Ray once for all integration tests: 2 CPUs, no dashboard, a capped object store, temp dirs."""
     import ray
 
+    from idengine.recipes.runtime import local_ray_environment
+
+    local_ray_environment()  # as `init_ray` starts a local Ray
     temp_dir = Path("/tmp") / f"idengine-ray-{os.getpid()}"  # short: Ray's socket paths have a length limit
     ray.init(
         address="local",  # never attach to a head another test started with `ray start`

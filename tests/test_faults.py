@@ -348,6 +348,8 @@ def test_a_local_ray_that_fails_to_start_is_tried_again_then_named_with_what_to_
     monkeypatch.setattr(ray, "shutdown", lambda: None)
     monkeypatch.setattr(runtime, "RETRY_WAIT_S", 0.0)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv(runtime.WORKER_NICENESS, "")  # recorded, so that teardown restores the real environment
+    monkeypatch.delenv(runtime.WORKER_NICENESS)
     if failures < runtime.START_TRIES:
         runtime.init_ray(None)
     else:
@@ -355,3 +357,4 @@ def test_a_local_ray_that_fails_to_start_is_tried_again_then_named_with_what_to_
             runtime.init_ray(None)
     assert len(tries) == min(failures + 1, runtime.START_TRIES)
     assert all(t == {"address": "local", "dashboard_host": "127.0.0.1"} for t in tries)
+    assert os.environ[runtime.WORKER_NICENESS] == "0"  # its workers run at the command's own priority

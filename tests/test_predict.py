@@ -144,6 +144,17 @@ def test_files_that_are_not_fasta_at_all_are_fatal(tmp_path, artifact_dir, conte
 
 
 @pytest.mark.integration
+def test_ray_workers_run_at_the_priority_of_the_command_that_started_them(ray_session):
+    """Ray lowers its workers' priority by 15 nice levels unless told otherwise (`runtime.local_ray_environment`):
+    predict's actor then starved on a machine busy with other work."""
+    import os
+
+    import ray
+
+    assert ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote()) == os.nice(0)
+
+
+@pytest.mark.integration
 def test_predict_with_ray_data_actors_matches_in_process(ray_session, tmp_path, artifact_dir):
     fasta = tmp_path / "q.fasta.gz"
     good_ids, bad = broken_fasta(fasta)
