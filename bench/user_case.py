@@ -10,7 +10,8 @@
 3. VSEARCH   bench/peers.py's invocation (`--usearch_global --id 0.97 --maxaccepts 20`, 2 threads), same reference
              and queries, and again with `--id 0` for the top hit without a threshold.
 4. score     per kind: species named right, species-level calls, genus right, "novel" calls; throughput of
-             `idengine predict` and VSEARCH in the same run. -> bench/results/user_case.{json,md}, bench/README.md.
+             `idengine predict` and VSEARCH in the same run; and, as a diagnostic, idengine's species calls at the
+             threshold that over-classifies novel species as often as VSEARCH does (how the evidence ranks). -> bench/results/user_case.{json,md}, bench/README.md.
 `--small` (6 + 10 species, 12 queries per kind, 1 epoch, results in --work) is a smoke test of the same path;
 `--from-step train` (or cv, predict) keeps the work dir and reruns from that step (earlier steps' times are kept).
 `--kind kmer-linear` (or kmer-nb, probe) runs the same case with that classifier (`model.kind` overridden) ->
@@ -220,7 +221,9 @@ def idengine_calls(calls_csv: Path, queries: pd.DataFrame, ref: pd.DataFrame) ->
     return pd.DataFrame({"call_rank": rank, "call": call, "species": species, "genus": genus,
                          "top_genus": calls["top1_species"].map(genus_of).to_numpy(),
                          "best_genus": calls["top_genus"].to_numpy() if "top_genus" in calls else None,
-                         "p_novel_species": calls.get("p_novel_species", pd.Series(np.nan, calls.index)).to_numpy()})
+                         "p_novel_species": calls.get("p_novel_species", pd.Series(np.nan, calls.index)).to_numpy(),
+                         "top1_species": calls["top1_species"].to_numpy(),
+                         "top1_prob": calls["top1_prob"].to_numpy(dtype=float)})
 
 
 def _share(mask: np.ndarray) -> float:
@@ -247,6 +250,23 @@ def score_kind(truth: pd.DataFrame, ide: pd.DataFrame, v97: pd.DataFrame, vtop: 
                             "top_species_genus_right": _share(ide["top_genus"].to_numpy() == ge),
                             "mean_p_novel_species": round(float(p_novel.mean()), 4) if p_novel.notna().any() else None,
                             "call_ranks": {k: int(v) for k, v in ide["call_rank"].value_counts().items()}})
+    return out
+
+
+def at_vsearch_overclassification(queries: pd.DataFrame, ide: pd.DataFrame, scores: dict) -> dict:
+    """A diagnostic, not a setting: idengine's species calls at the top-species probability threshold that calls as
+    many novel species of a known genus at species level as VSEARCH >= 97% does, chosen on these queries. It asks
+    whether the engine's probabilities rank queries better than VSEARCH's identity rule, whatever the threshold."""
+    kind, prob = queries["kind"].to_numpy(), np.nan_to_num(ide["top1_prob"].to_numpy(dtype=float))
+    share = scores["novel_species"]["vsearch_97"]["species_call"]
+    novel = np.sort(prob[kind == "novel_species"])[::-1]
+    threshold = float(novel[min(int(round(share * len(novel))), len(novel) - 1)]) if len(novel) else 1.0
+    called = prob > threshold if share < 1 else prob >= threshold
+    right = called & (ide["top1_species"].to_numpy() == queries["species"].to_numpy())
+    out = {"threshold": round(threshold, 4)}
+    for k, _ in KINDS:
+        at = kind == k
+        out[k] = {"species_right": _share(right[at]), "species_call": _share(called[at])}
     return out
 
 
@@ -304,6 +324,25 @@ def render_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def render_matched(result: dict) -> list[str]:
+    """The diagnostic of `at_vsearch_overclassification`, as a few lines (none in an older result)."""
+    m = result.get("at_vsearch_overclassification")
+    if not m:
+        return []
+    pct = lambda v: f"{100 * v:.0f}%"  # noqa: E731
+    s = result["scores"]
+    return [f"A diagnostic, not a setting: at the top-species probability {m['threshold']:.3f}, chosen on these "
+            "queries so that idengine calls as many novel species of a known genus at species level as VSEARCH >= 97% "
+            f"does ({pct(m['novel_species']['species_call'])} against "
+            f"{pct(s['novel_species']['vsearch_97']['species_call'])}), idengine would name "
+            f"{pct(m['known_common']['species_right'])} of known common species right "
+            f"(VSEARCH {pct(s['known_common']['vsearch_97']['species_right'])}) and "
+            f"{pct(m['known_rare']['species_right'])} of known rare ones "
+            f"(VSEARCH {pct(s['known_rare']['vsearch_97']['species_right'])}), and call "
+            f"{pct(m['novel_genus']['species_call'])} of novel genera at species level "
+            f"(VSEARCH {pct(s['novel_genus']['vsearch_97']['species_call'])}).", ""]
+
+
 def render_md(result: dict) -> str:
     """bench/results/user_case.md."""
     case, ide, art = result["case"], result["idengine"], result["idengine"]["artifact"]
@@ -325,7 +364,7 @@ def render_md(result: dict) -> str:
         f"species; artifact: {art['kind']} classifier over {art['classes']} classes, engine "
         f"{'with a reference index of ' + str(art['index_records']) + ' records' if art['engine'] else 'absent'}.",
         f"- VSEARCH: {result['vsearch_version']}, bench/peers.py's `--usearch_global --maxaccepts 20`, "
-        f"{THREADS} threads.", "", render_table(result), "", "Targets (issue #12 part 6):",
+        f"{THREADS} threads.", "", render_table(result), "", *render_matched(result), "Targets (issue #12 part 6):",
         *(f"- {'met' if t['met'] else '**missed**'}: {t['target']} (idengine {t['idengine']}, VSEARCH "
           f"{t['vsearch']})" for t in result["targets"]), "", f"idengine's calls by rank: {ranks}.", "",
         "Species named right = a species-level call naming the true species (VSEARCH: its best hit >= 97%). Genus "
@@ -350,7 +389,7 @@ def update_readme(result: dict, readme: Path, kind: str | None = None) -> None:
         f"`{result['command']}` (fixed seed; its docstring says what it builds and runs) -> "
         f"`results/{name}.{{json,md}}` and this section. Latest run: "
         f"{result['date']}, commit {result['commit']}, idengine's steps {result['idengine_min']:.0f} min, "
-        f"{result['machine']}.", "", render_table(result), "",
+        f"{result['machine']}.", "", render_table(result), "", *render_matched(result),
         "Targets: " + "; ".join(("met" if t["met"] else "MISSED") + ": " + t["target"] for t in result["targets"])
         + f". Details and idengine's calls by rank: `results/{name}.md`.", end])
     text = readme.read_text()
@@ -404,6 +443,7 @@ def main(argv: list[str] | None = None) -> dict:
         "idengine": ide, "vsearch": {name: {k: r[k] for k in ("identity", "wall_s", "cpu_s", "peak_mib")}
                                      for name, r in (("id_0.97", v97), ("top_hit_id_0", vtop))},
         "scores": scores, "throughput": speed, "targets": targets(scores, speed),
+        "at_vsearch_overclassification": at_vsearch_overclassification(queries, tables[1], scores),
         "runtime_min": round((time.time() - start) / 60, 1),
         "idengine_min": round(sum(v["wall_s"] for v in ide["steps"].values()) / 60, 1)}
     out = work / "user_case" if args.small or args.set else REPO / "bench" / "results" / f"user_case{suffix}"
