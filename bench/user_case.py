@@ -11,7 +11,8 @@
              and queries, and again with `--id 0` for the top hit without a threshold.
 4. score     per kind: species named right, species-level calls, genus right, "novel" calls; throughput of
              `idengine predict` and VSEARCH in the same run; and, as a diagnostic, idengine's species calls at the
-             threshold that over-classifies novel species as often as VSEARCH does (how the evidence ranks). -> bench/results/user_case.{json,md}, bench/README.md.
+             threshold that over-classifies novel species as often as VSEARCH does (how the evidence ranks).
+             -> bench/results/user_case.{json,md}, bench/README.md.
 `--small` (6 + 10 species, 12 queries per kind, 1 epoch, results in --work) is a smoke test of the same path;
 `--from-step train` (or cv, predict) keeps the work dir and reruns from that step (earlier steps' times are kept).
 `--kind kmer-linear` (or kmer-nb, probe) runs the same case with that classifier (`model.kind` overridden) ->
